@@ -1,0 +1,318 @@
+//! The `Destination` trait every adapter implements (issue a credential, revoke it, say
+//! how revocable it is), the settings common to every destination, the [`TokenMinter`]
+//! adapters use to have lanyard sign assertions, and [`DestinationError`]. No adapter
+//! lives here: adapters are crates under `crates/destinations/`, and the one registry
+//! mapping a `kind` to a constructor lives in `lanyard-server`.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use lanyard_core::{GrantId, Scope, Secret, TaskId, Ttl, UnixTime, WorkloadId};
+use serde::{Deserialize, Serialize};
+
+/// Errors from a destination adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    /// The destination's settings are invalid (found when config is loaded).
+    #[error("invalid settings for destination kind {kind}: {message}")]
+    InvalidSettings {
+        /// Adapter kind.
+        kind: String,
+        /// What is wrong, for the operator.
+        message: String,
+    },
+    /// The request cannot be served by this destination (bad scope, TTL...).
+    #[error("{0}")]
+    BadRequest(String),
+    /// lanyard could not sign the assertion.
+    #[error("minting the assertion failed")]
+    Mint(#[source] MintError),
+    /// The destination refused or failed; `retryable` says whether trying again may help.
+    #[error("destination call failed: {message}")]
+    Upstream {
+        /// What happened, without secrets.
+        message: String,
+        /// Whether a retry may succeed.
+        retryable: bool,
+    },
+}
+
+/// `Result` with [`DestinationError`].
+pub type Result<T, E = DestinationError> = std::result::Result<T, E>;
+
+/// Settings every destination has, whatever its kind. The adapter-specific block is
+/// `settings`, parsed and validated by the adapter's constructor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationSpec {
+    /// Unique name, `[a-z0-9-]{1,63}`; what workloads ask for.
+    pub name: String,
+    /// Adapter kind, e.g. `jwt`.
+    pub kind: String,
+    /// TTL when the request names none, seconds.
+    #[serde(default = "default_ttl")]
+    pub default_ttl_secs: u64,
+    /// Longest TTL issued, seconds; longer requests are clamped to it.
+    #[serde(default = "max_ttl")]
+    pub max_ttl_secs: u64,
+    /// Scopes this destination offers. A request for any other scope is refused.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Labels for policy (`resource.labels`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Adapter-specific settings.
+    #[serde(default)]
+    pub settings: serde_json::Value,
+}
+
+fn default_ttl() -> u64 {
+    900
+}
+fn max_ttl() -> u64 {
+    3600
+}
+
+impl DestinationSpec {
+    /// Check the common settings.
+    ///
+    /// # Errors
+    /// [`DestinationError::InvalidSettings`] naming the first problem.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| DestinationError::InvalidSettings {
+            kind: self.kind.clone(),
+            message: m,
+        };
+        if !valid_name(&self.name) {
+            return Err(bad(format!(
+                "name {:?} must be 1-63 characters of [a-z0-9-]",
+                self.name
+            )));
+        }
+        let max = Ttl::from_secs(self.max_ttl_secs)
+            .map_err(|_| bad("max_ttl_secs must be 1..=604800".into()))?;
+        let def = Ttl::from_secs(self.default_ttl_secs)
+            .map_err(|_| bad("default_ttl_secs must be 1..=604800".into()))?;
+        if def > max {
+            return Err(bad("default_ttl_secs exceeds max_ttl_secs".into()));
+        }
+        for s in &self.scopes {
+            Scope::parse(s).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The TTL to issue for a request: the default when none is asked, clamped to the
+    /// maximum otherwise.
+    pub fn effective_ttl(&self, requested: Option<Ttl>) -> Ttl {
+        let max = Ttl::from_secs(self.max_ttl_secs).unwrap_or(Ttl::MAX);
+        let def = Ttl::from_secs(self.default_ttl_secs).unwrap_or(max);
+        requested.unwrap_or(def).min(max)
+    }
+
+    /// The requested scopes that this destination does not offer.
+    pub fn unknown_scopes<'a>(&self, requested: &'a [Scope]) -> Vec<&'a Scope> {
+        requested
+            .iter()
+            .filter(|s| !self.scopes.iter().any(|o| o == s.as_str()))
+            .collect()
+    }
+}
+
+/// Whether `s` is a valid object name: 1-63 characters of `[a-z0-9-]`, not starting
+/// with `-`.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// What the adapter needs to issue one credential.
+#[derive(Debug, Clone)]
+pub struct IssueRequest<'a> {
+    /// The grant the credential belongs to.
+    pub grant_id: &'a GrantId,
+    /// The workload.
+    pub workload: &'a WorkloadId,
+    /// Name of the issuer that proved the workload.
+    pub issuer: &'a str,
+    /// Task, if bound.
+    pub task: Option<&'a TaskId>,
+    /// Granted scopes (already checked against the destination and policy).
+    pub scopes: &'a [Scope],
+    /// Lifetime to issue (already clamped).
+    pub ttl: Ttl,
+    /// Now, from lanyard's clock.
+    pub now: UnixTime,
+    /// Delegation chain, current actor first (workload IDs).
+    pub actor_chain: &'a [String],
+    /// Verified claims of the subject token, for adapters that map some of them.
+    pub claims: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+/// A credential as handed to the workload.
+pub enum Credential {
+    /// A bearer token, sent as `Authorization: <token_type> <token>` unless `header`
+    /// names another header.
+    Bearer {
+        /// The token.
+        token: Secret,
+        /// `Bearer` unless the destination says otherwise.
+        token_type: String,
+        /// RFC 8693 `issued_token_type`, e.g. `urn:ietf:params:oauth:token-type:jwt`.
+        issued_token_type: String,
+        /// The HTTP header to present it in.
+        header: String,
+    },
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Bearer { token_type, .. } => f
+                .debug_struct("Bearer")
+                .field("token_type", token_type)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// An issued credential and what lanyard records about it.
+#[derive(Debug)]
+pub struct Issued {
+    /// The credential.
+    pub credential: Credential,
+    /// When it stops working at the destination.
+    pub expires_at: UnixTime,
+    /// What revocation needs (a `jti`, a role name...). Never a secret.
+    pub revocation_handle: String,
+}
+
+/// What revocation means at a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revocability {
+    /// The destination confirms revocation, or checks lanyard on every use.
+    Immediate,
+    /// The destination cannot revoke early; the credential lives until it expires.
+    AtExpiry,
+    /// Blocked by a deny rule at the destination, which takes time to propagate.
+    Eventual,
+}
+
+/// What a revocation achieved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum RevokeOutcome {
+    /// Revoked; `detail` says how.
+    Revoked {
+        /// How, for the receipt.
+        detail: String,
+    },
+    /// Cannot be revoked early; it stops working at `at`.
+    ExpiresAt {
+        /// Expiry, seconds.
+        at: UnixTime,
+        /// Why, for the receipt.
+        detail: String,
+    },
+}
+
+/// What the adapter needs to revoke one grant.
+#[derive(Debug, Clone)]
+pub struct RevokeRequest<'a> {
+    /// The grant.
+    pub grant_id: &'a GrantId,
+    /// The handle recorded at issue.
+    pub revocation_handle: &'a str,
+    /// The workload.
+    pub workload_id: &'a str,
+    /// When the credential expires.
+    pub expires_at: UnixTime,
+    /// Now.
+    pub now: UnixTime,
+}
+
+/// A destination adapter instance, built from one [`DestinationSpec`].
+#[async_trait]
+pub trait Destination: Send + Sync {
+    /// The adapter kind, e.g. `jwt`.
+    fn kind(&self) -> &'static str;
+    /// What revocation means here.
+    fn revocability(&self) -> Revocability;
+    /// Issue a credential.
+    ///
+    /// # Errors
+    /// [`DestinationError::BadRequest`], [`DestinationError::Mint`],
+    /// [`DestinationError::Upstream`].
+    async fn issue(&self, req: IssueRequest<'_>) -> Result<Issued>;
+    /// Revoke a credential (idempotent: revoking twice is harmless).
+    ///
+    /// # Errors
+    /// [`DestinationError::Upstream`].
+    async fn revoke(&self, req: RevokeRequest<'_>) -> Result<RevokeOutcome>;
+}
+
+/// Errors from minting.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MintError(pub String);
+
+/// lanyard's own issuer, as adapters see it: signs claims with the active signing key.
+pub trait TokenMinter: Send + Sync {
+    /// lanyard's issuer URL (`iss` of minted tokens).
+    fn issuer_url(&self) -> &str;
+    /// Sign `claims` (a JSON object) with the active key; `typ` is the JOSE header type.
+    ///
+    /// # Errors
+    /// [`MintError`] if there is no usable key or signing fails.
+    fn mint(&self, claims: &serde_json::Value, typ: &str) -> std::result::Result<Secret, MintError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> DestinationSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "orders-api", "kind": "jwt", "scopes": ["orders:read"],
+            "max_ttl_secs": 600, "default_ttl_secs": 300,
+            "settings": {"audience": "https://orders.internal"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn ttl_is_defaulted_and_clamped() {
+        let s = spec();
+        s.validate().unwrap();
+        assert_eq!(s.effective_ttl(None).as_secs(), 300);
+        assert_eq!(s.effective_ttl(Some(Ttl::from_secs(60).unwrap())).as_secs(), 60);
+        assert_eq!(s.effective_ttl(Some(Ttl::from_secs(9999).unwrap())).as_secs(), 600);
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        let mut s = spec();
+        s.name = "Orders".into();
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.default_ttl_secs = 700;
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.scopes.push("bad scope".into());
+        assert!(s.validate().is_err());
+        assert!(serde_json::from_value::<DestinationSpec>(serde_json::json!({"name":"a","kind":"jwt","bogus":1})).is_err());
+    }
+
+    #[test]
+    fn unknown_scopes_are_listed() {
+        let s = spec();
+        let req = [Scope::parse("orders:read").unwrap(), Scope::parse("orders:write").unwrap()];
+        let unknown = s.unknown_scopes(&req);
+        assert_eq!(unknown.len(), 1);
+        assert_eq!(unknown[0].as_str(), "orders:write");
+    }
+}

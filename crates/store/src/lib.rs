@@ -1,0 +1,199 @@
+//! The storage API: one [`Store`] trait (configuration objects, grants, replay cache,
+//! audit chain) that `lanyard-store-sqlite` and `lanyard-store-postgres` implement, the
+//! records it speaks in, [`StoreError`], the audit hash-chain rule, and (feature
+//! `test-util`) the conformance suite both implementations must pass.
+
+pub mod audit;
+#[cfg(feature = "test-util")]
+pub mod conformance;
+mod records;
+
+pub use audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, chain_hash};
+pub use records::*;
+
+use async_trait::async_trait;
+use lanyard_core::{GrantId, UnixTime};
+
+/// Errors from a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not exist.
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for, e.g. `grant grt_...`.
+        what: String,
+    },
+    /// A concurrent change won, or the object is not in the state the change needs.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database could not be reached or the transaction failed to commit;
+    /// nothing was changed.
+    #[error("store unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// Stored data could not be decoded (corruption or a migration bug).
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+/// `Result` with [`StoreError`].
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Everything lanyard keeps durably. Implementations must be safe to share between many
+/// lanyard replicas using one database.
+///
+/// Every method that changes state takes the audit event(s) that record the change and
+/// writes them in the same transaction, so nothing exists without its event.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Short name of the backend, e.g. `sqlite`.
+    fn backend(&self) -> &'static str;
+
+    // === configuration objects ===
+
+    /// Create or replace a configuration object. When `expected_revision` is `Some`,
+    /// the write only succeeds if the stored object has that revision (0 = must not exist).
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when `expected_revision` does not match;
+    /// [`StoreError::Unavailable`].
+    async fn config_put(
+        &self,
+        obj: NewConfigObject,
+        expected_revision: Option<i64>,
+        audit: NewAuditEvent,
+    ) -> Result<ConfigObject>;
+
+    /// One configuration object.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn config_get(&self, kind: ConfigKind, name: &str) -> Result<Option<ConfigObject>>;
+
+    /// All objects of a kind, ordered by name.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn config_list(&self, kind: ConfigKind) -> Result<Vec<ConfigObject>>;
+
+    /// Delete an object.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`], [`StoreError::Unavailable`].
+    async fn config_delete(&self, kind: ConfigKind, name: &str, audit: NewAuditEvent)
+    -> Result<()>;
+
+    /// The highest revision over all configuration objects, including deletions. Cheap;
+    /// replicas poll it to notice changes made through another replica.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn config_generation(&self) -> Result<i64>;
+
+    // === grants ===
+
+    /// Insert new grants and append audit events (denials, for instance) in one
+    /// transaction. The group-commit path: many exchanges share one durable commit.
+    /// Returns the sequence numbers given to `events`, in order.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] on a duplicate grant ID; [`StoreError::Unavailable`].
+    async fn grant_insert_batch(
+        &self,
+        grants: &[GrantRecord],
+        events: &[NewAuditEvent],
+    ) -> Result<Vec<i64>>;
+
+    /// One grant.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn grant_get(&self, id: &GrantId) -> Result<Option<GrantRecord>>;
+
+    /// Grants matching `filter`, newest first, paged by an opaque cursor.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn grant_list(&self, filter: &GrantFilter, page: &PageRequest)
+    -> Result<Page<GrantRecord>>;
+
+    /// Extend an active grant: new expiry and revocation handle, renew count + 1.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; [`StoreError::Conflict`] if the grant is not active
+    /// (or expired at `now`); [`StoreError::Unavailable`].
+    async fn grant_renew(
+        &self,
+        id: &GrantId,
+        now: UnixTime,
+        new_expires_at: UnixTime,
+        new_revocation_handle: &str,
+        audit: NewAuditEvent,
+    ) -> Result<GrantRecord>;
+
+    /// Move an active grant to `to` (released or revoked).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; [`StoreError::Conflict`] if it is not active;
+    /// [`StoreError::Unavailable`].
+    async fn grant_finish(
+        &self,
+        id: &GrantId,
+        to: GrantStatus,
+        now: UnixTime,
+        audit: NewAuditEvent,
+    ) -> Result<GrantRecord>;
+
+    /// Mark up to `limit` active grants whose expiry is `<= now` as expired, using the
+    /// expiry index. Returns how many were marked; call again while it returns `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn grant_expire_due(&self, now: UnixTime, limit: u32) -> Result<u64>;
+
+    /// Number of active (unexpired at `now`) grants, optionally for one workload.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn grant_count_active(&self, workload: Option<&str>, now: UnixTime) -> Result<u64>;
+
+    // === replay cache ===
+
+    /// Record a token ID. Returns `true` if it was not seen before (or its earlier
+    /// record has expired at `now`), `false` if it is a replay.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn jti_record(
+        &self,
+        issuer: &str,
+        jti: &str,
+        expires_at: UnixTime,
+        now: UnixTime,
+    ) -> Result<bool>;
+
+    /// Delete up to `limit` expired token IDs.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn jti_purge(&self, now: UnixTime, limit: u32) -> Result<u64>;
+
+    // === audit ===
+
+    /// Append audit events in one transaction, chained after the current head.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn audit_append(&self, events: &[NewAuditEvent]) -> Result<Vec<i64>>;
+
+    /// Events with `seq > after`, ascending, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn audit_list(&self, after: i64, limit: u32) -> Result<Vec<AuditRecord>>;
+
+    /// Health check: a trivial query.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn ping(&self) -> Result<()>;
+}
