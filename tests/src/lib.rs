@@ -1,1 +1,1 @@
-//! end-to-end tests
+//! End-to-end tests: each starts the real `lanyard` binary on loopback (see `tests/`).

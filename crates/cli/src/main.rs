@@ -1,1 +1,19 @@
-fn main() {}
+//! The `lanyard` binary. See the `lanyard_cli` library for the commands.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lanyard_cli::{Cli, error_line, is_broken_pipe, run};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            lanyard_cli::output::note(&error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -62,7 +62,8 @@ impl FakeClock {
     }
     /// Set the clock to `unix` seconds.
     pub fn set(&self, unix: UnixTime) {
-        self.millis.store(unix.saturating_mul(1000), Ordering::SeqCst);
+        self.millis
+            .store(unix.saturating_mul(1000), Ordering::SeqCst);
     }
 }
 

@@ -9,7 +9,6 @@ macro_rules! reasons {
         /// Why a request was refused or failed.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-        #[non_exhaustive]
         pub enum ReasonCode { $( $(#[$doc])* $name ),* }
 
         impl ReasonCode {

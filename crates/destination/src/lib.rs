@@ -268,7 +268,8 @@ pub trait TokenMinter: Send + Sync {
     ///
     /// # Errors
     /// [`MintError`] if there is no usable key or signing fails.
-    fn mint(&self, claims: &serde_json::Value, typ: &str) -> std::result::Result<Secret, MintError>;
+    fn mint(&self, claims: &serde_json::Value, typ: &str)
+    -> std::result::Result<Secret, MintError>;
 }
 
 #[cfg(test)]
@@ -289,8 +290,15 @@ mod tests {
         let s = spec();
         s.validate().unwrap();
         assert_eq!(s.effective_ttl(None).as_secs(), 300);
-        assert_eq!(s.effective_ttl(Some(Ttl::from_secs(60).unwrap())).as_secs(), 60);
-        assert_eq!(s.effective_ttl(Some(Ttl::from_secs(9999).unwrap())).as_secs(), 600);
+        assert_eq!(
+            s.effective_ttl(Some(Ttl::from_secs(60).unwrap())).as_secs(),
+            60
+        );
+        assert_eq!(
+            s.effective_ttl(Some(Ttl::from_secs(9999).unwrap()))
+                .as_secs(),
+            600
+        );
     }
 
     #[test]
@@ -304,13 +312,21 @@ mod tests {
         let mut s = spec();
         s.scopes.push("bad scope".into());
         assert!(s.validate().is_err());
-        assert!(serde_json::from_value::<DestinationSpec>(serde_json::json!({"name":"a","kind":"jwt","bogus":1})).is_err());
+        assert!(
+            serde_json::from_value::<DestinationSpec>(
+                serde_json::json!({"name":"a","kind":"jwt","bogus":1})
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn unknown_scopes_are_listed() {
         let s = spec();
-        let req = [Scope::parse("orders:read").unwrap(), Scope::parse("orders:write").unwrap()];
+        let req = [
+            Scope::parse("orders:read").unwrap(),
+            Scope::parse("orders:write").unwrap(),
+        ];
         let unknown = s.unknown_scopes(&req);
         assert_eq!(unknown.len(), 1);
         assert_eq!(unknown[0].as_str(), "orders:write");

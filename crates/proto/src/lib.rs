@@ -23,12 +23,42 @@ pub mod v1 {
     }
 
     redacted_debug!(ExchangeRequest { subject_token_type, actor_token_type, destination, scopes, requested_ttl_seconds, audience } [subject_token, actor_token]);
-    redacted_debug!(RenewRequest { grant_id, subject_token_type, requested_ttl_seconds } [subject_token]);
-    redacted_debug!(ReleaseRequest { grant_id, subject_token_type } [subject_token]);
-    redacted_debug!(ExplainRequest { destination, scopes, requested_ttl_seconds } [subject_token]);
-    redacted_debug!(BearerToken { token_type, issued_token_type, header } [token]);
+    redacted_debug!(
+        RenewRequest {
+            grant_id,
+            subject_token_type,
+            requested_ttl_seconds
+        }[subject_token]
+    );
+    redacted_debug!(
+        ReleaseRequest {
+            grant_id,
+            subject_token_type
+        }[subject_token]
+    );
+    redacted_debug!(
+        ExplainRequest {
+            destination,
+            scopes,
+            requested_ttl_seconds
+        }[subject_token]
+    );
+    redacted_debug!(
+        BearerToken {
+            token_type,
+            issued_token_type,
+            header
+        }[token]
+    );
     redacted_debug!(AwsCredentials { access_key_id, region } [secret_access_key, session_token]);
-    redacted_debug!(DatabaseCredentials { host, port, database, username } [password]);
+    redacted_debug!(
+        DatabaseCredentials {
+            host,
+            port,
+            database,
+            username
+        }[password]
+    );
 }
 
 /// The encoded `FileDescriptorSet` of every lanyard.v1 file, for gRPC reflection.
@@ -48,7 +78,10 @@ mod tests {
         let s = format!("{r:?}");
         assert!(!s.contains("secret-token"), "{s}");
         assert!(s.contains("orders"));
-        let b = BearerToken { token: "tok-abc".into(), ..Default::default() };
+        let b = BearerToken {
+            token: "tok-abc".into(),
+            ..Default::default()
+        };
         assert!(!format!("{b:?}").contains("tok-abc"));
     }
 

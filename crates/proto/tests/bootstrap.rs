@@ -19,8 +19,8 @@ const SECRET_MESSAGES: &[&str] = &[
 
 fn generate(out: &Path) -> Vec<u8> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["exchange.proto", "admin.proto", "audit.proto"]
-        .map(|f| root.join("lanyard/v1").join(f));
+    let files =
+        ["exchange.proto", "admin.proto", "audit.proto"].map(|f| root.join("lanyard/v1").join(f));
     let fds = protox::compile(files, [&root]).expect("proto compiles");
     let descriptor = fds.encode_to_vec();
     tonic_prost_build::configure()

@@ -1,1 +1,19 @@
-//! placeholder
+//! The lanyard server: configuration, the runtime (exchange, renew, release flows), the
+//! gRPC services and HTTP endpoints, the one registry of destination adapters, and the
+//! one place errors become wire statuses. Only this crate sees every other crate.
+
+pub mod commit;
+pub mod config;
+pub mod convert;
+pub mod dev;
+pub mod error;
+pub mod http;
+pub mod registry;
+pub mod replay;
+pub mod runtime;
+pub mod serve;
+pub mod services;
+pub mod telemetry;
+
+pub use config::{Config, FileConfig, FlagOverrides};
+pub use serve::{ServeOptions, serve};

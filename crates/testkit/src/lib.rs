@@ -1,1 +1,52 @@
-//! placeholder
+//! Test support: start the real `lanyard` binary on loopback ports with its own data
+//! directory, a real local OIDC issuer over HTTP (discovery + JWKS, rotatable keys, can
+//! be taken down), gRPC clients for both listeners, and polling with a deadline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod issuer;
+pub mod process;
+
+pub use issuer::{KeyAlg, TestIssuer};
+pub use process::{Lanyard, LanyardOptions};
+
+use std::future::Future;
+use std::time::Duration;
+
+/// How long [`eventually`] waits by default; `LANYARD_TEST_PATIENCE_SECS` overrides it.
+pub fn patience() -> Duration {
+    let secs = std::env::var("LANYARD_TEST_PATIENCE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    Duration::from_secs(secs)
+}
+
+/// Poll `f` until it returns `Some`, or fail after [`patience`]. Never a fixed sleep:
+/// the poll interval is short and the deadline is the only wait.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + patience();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The reason code carried by a status (details or `lanyard-reason` metadata).
+pub fn reason(status: &tonic::Status) -> String {
+    status
+        .metadata()
+        .get("lanyard-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}

@@ -1,0 +1,94 @@
+//! Group commit: many exchanges share one durable transaction.
+//!
+//! ## Why
+//! A durable commit (fsync) costs more than the crypto of an exchange. Each exchange
+//! hands its grant and audit event to the committer and waits; the committer drains
+//! whatever has queued while the previous transaction was committing and writes it all
+//! in one transaction. Every caller is answered only after its own data is durable, so
+//! durability is not weakened, and under load the fsync cost is shared.
+
+use std::sync::Arc;
+
+use lanyard_core::ReasonCode;
+use lanyard_store::{GrantRecord, NewAuditEvent, Store};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::ApiError;
+
+struct Job {
+    grant: Option<GrantRecord>,
+    event: NewAuditEvent,
+    reply: oneshot::Sender<Result<i64, ApiError>>,
+}
+
+/// Handle to the group-commit task.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Committer {
+    /// Start the committer task on the current runtime.
+    pub fn start(store: Arc<dyn Store>, max_batch: usize) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>(max_batch.saturating_mul(8).max(64));
+        tokio::spawn(run(store, rx, max_batch.max(1)));
+        Self { tx }
+    }
+
+    /// Durably write a grant (if any) and its audit event; returns the event's sequence
+    /// number once committed.
+    ///
+    /// # Errors
+    /// `STORE_UNAVAILABLE` when the transaction failed; nothing was written.
+    pub async fn commit(
+        &self,
+        grant: Option<GrantRecord>,
+        event: NewAuditEvent,
+    ) -> Result<i64, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job {
+                grant,
+                event,
+                reply,
+            })
+            .await
+            .map_err(|_| ApiError::new(ReasonCode::StoreUnavailable, "the store writer stopped"))?;
+        rx.await
+            .map_err(|_| ApiError::new(ReasonCode::StoreUnavailable, "the store writer stopped"))?
+    }
+}
+
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.recv().await {
+        jobs.push(first);
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let grants: Vec<GrantRecord> = jobs.iter().filter_map(|j| j.grant.clone()).collect();
+        let events: Vec<NewAuditEvent> = jobs.iter().map(|j| j.event.clone()).collect();
+        let result = store.grant_insert_batch(&grants, &events).await;
+        match result {
+            Ok(seqs) => {
+                for (job, seq) in jobs
+                    .drain(..)
+                    .zip(seqs.into_iter().chain(std::iter::repeat(0)))
+                {
+                    let _ = job.reply.send(Ok(seq));
+                }
+            }
+            Err(e) => {
+                let api: ApiError = e.into();
+                for job in jobs.drain(..) {
+                    let _ = job
+                        .reply
+                        .send(Err(ApiError::new(api.reason, api.message.clone())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,533 @@
+//! Configuration in two stages: a serde [`FileConfig`] layered as defaults, the TOML
+//! file, `LANYARD_*` environment variables and command-line flags, then validated into a
+//! typed [`Config`] before anything starts. `deploy/lanyard.toml` documents every key.
+//!
+//! Environment variables name keys with `__` between sections:
+//! `LANYARD_DATA_DIR`, `LANYARD_LISTEN__GRPC`, `LANYARD_STORE__URL`, ...
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use lanyard_keys::SigningAlgorithm;
+use serde::{Deserialize, Serialize};
+
+/// Errors loading or validating configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, environment or flags could not be read or parsed.
+    #[error("configuration could not be loaded: {0}")]
+    Load(String),
+    /// A value is invalid.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid {
+        /// Dotted key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The configuration file, as written. Every field has a default.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Where lanyard keeps its state (SQLite database, signing keys, admin socket).
+    pub data_dir: PathBuf,
+    /// lanyard's SPIFFE trust domain; workload IDs are `spiffe://<trust_domain>/...`.
+    pub trust_domain: String,
+    /// lanyard's own issuer URL (the `iss` of tokens it mints; serves discovery and
+    /// JWKS). Empty: `http://<listen.http>`.
+    pub issuer_url: String,
+    /// Listeners.
+    pub listen: ListenConfig,
+    /// Storage.
+    pub store: StoreConfig,
+    /// Policy.
+    pub policy: PolicyConfig,
+    /// lanyard's signing keys.
+    pub signing: SigningConfig,
+    /// Fetching issuer keys.
+    pub trust: TrustConfig,
+    /// Request limits.
+    pub limits: LimitsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[listen]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Workload gRPC listener (ExchangeService, health, reflection).
+    pub grpc: String,
+    /// HTTP listener (OIDC discovery, JWKS, health).
+    pub http: String,
+    /// Admin Unix socket (AdminService, AuditService). Empty: `<data_dir>/admin.sock`.
+    pub admin_socket: String,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite` (embedded, in data_dir) or `postgres`.
+    pub backend: String,
+    /// PostgreSQL URL (`postgres://user@host:port/db`); required for `postgres`.
+    pub url: String,
+    /// PostgreSQL pool size.
+    pub max_connections: u32,
+    /// Largest number of grants committed in one transaction (group commit).
+    pub max_batch: usize,
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// A Cedar policy file. Empty: no policy, so every exchange is denied (default deny).
+    pub file: String,
+}
+
+/// `[signing]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningConfig {
+    /// `ES256` or `EdDSA`.
+    pub algorithm: SigningAlgorithm,
+    /// How long a key stays published after it stopped signing.
+    #[serde(with = "humantime_serde")]
+    pub retire_after: Duration,
+}
+
+/// `[trust]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// Timeout of one discovery or JWKS fetch.
+    #[serde(with = "humantime_serde")]
+    pub http_timeout: Duration,
+    /// Largest JWKS or discovery document accepted, bytes.
+    pub max_jwks_bytes: usize,
+    /// How long last-known-good keys are used while an issuer is unreachable.
+    #[serde(with = "humantime_serde")]
+    pub max_staleness: Duration,
+    /// Least time between two refetches triggered by unknown `kid`s.
+    #[serde(with = "humantime_serde")]
+    pub refetch_cooldown: Duration,
+    /// Allow plain-http issuer URLs on non-loopback hosts (never in production).
+    pub allow_http: bool,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest gRPC request accepted, bytes.
+    pub max_request_bytes: usize,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `tracing` filter, e.g. `info` or `lanyard_server=debug,info`.
+    pub level: String,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("lanyard-data"),
+            trust_domain: "lanyard.local".into(),
+            issuer_url: String::new(),
+            listen: ListenConfig::default(),
+            store: StoreConfig::default(),
+            policy: PolicyConfig::default(),
+            signing: SigningConfig::default(),
+            trust: TrustConfig::default(),
+            limits: LimitsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            grpc: "127.0.0.1:7600".into(),
+            http: "127.0.0.1:7601".into(),
+            admin_socket: String::new(),
+        }
+    }
+}
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: "sqlite".into(),
+            url: String::new(),
+            max_connections: 16,
+            max_batch: 128,
+        }
+    }
+}
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            file: String::new(),
+        }
+    }
+}
+impl Default for SigningConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: SigningAlgorithm::ES256,
+            retire_after: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+impl Default for TrustConfig {
+    fn default() -> Self {
+        Self {
+            http_timeout: Duration::from_secs(5),
+            max_jwks_bytes: 256 * 1024,
+            max_staleness: Duration::from_secs(24 * 3600),
+            refetch_cooldown: Duration::from_secs(10),
+            allow_http: false,
+        }
+    }
+}
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 64 * 1024,
+        }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Values given on the command line; `None` leaves the lower layers in force.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FlagOverrides {
+    /// `--data-dir`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// `--grpc-listen`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_listen: Option<String>,
+    /// `--http-listen`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<String>,
+    /// `--admin-socket`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_socket: Option<String>,
+    /// `--policy-file`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_file: Option<String>,
+}
+
+impl FileConfig {
+    /// Layer defaults, the TOML file (if given), `LANYARD_*` env and flags.
+    ///
+    /// # Errors
+    /// [`ConfigError::Load`] naming the bad file, key or value.
+    pub fn load(
+        file: Option<&Path>,
+        env: &[(String, String)],
+        flags: &FlagOverrides,
+    ) -> Result<FileConfig, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(FileConfig::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    f.display()
+                )));
+            }
+            fig = fig.merge(Toml::file_exact(f));
+        }
+        // Env is passed in rather than read here so tests never touch process env.
+        let env_toml = env_to_toml(env)?;
+        fig = fig.merge(Toml::string(&env_toml));
+        let mut cfg: FileConfig = fig
+            .extract()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        if let Some(d) = &flags.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        if let Some(v) = &flags.grpc_listen {
+            cfg.listen.grpc = v.clone();
+        }
+        if let Some(v) = &flags.http_listen {
+            cfg.listen.http = v.clone();
+        }
+        if let Some(v) = &flags.admin_socket {
+            cfg.listen.admin_socket = v.clone();
+        }
+        if let Some(v) = &flags.policy_file {
+            cfg.policy.file = v.clone();
+        }
+        Ok(cfg)
+    }
+
+    /// Validate into a typed [`Config`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first bad key.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let grpc_listen: SocketAddr =
+            self.listen.grpc.parse().map_err(|e| ConfigError::Invalid {
+                key: "listen.grpc",
+                message: format!("{:?} is not host:port: {e}", self.listen.grpc),
+            })?;
+        let http_listen: SocketAddr =
+            self.listen.http.parse().map_err(|e| ConfigError::Invalid {
+                key: "listen.http",
+                message: format!("{:?} is not host:port: {e}", self.listen.http),
+            })?;
+        let admin_socket = if self.listen.admin_socket.is_empty() {
+            self.data_dir.join("admin.sock")
+        } else {
+            PathBuf::from(&self.listen.admin_socket)
+        };
+        let td_ok = !self.trust_domain.is_empty()
+            && self.trust_domain.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'_'
+            });
+        if !td_ok {
+            return Err(ConfigError::Invalid {
+                key: "trust_domain",
+                message: "must be lowercase letters, digits, '.', '-' or '_'".into(),
+            });
+        }
+        let store = match self.store.backend.as_str() {
+            "sqlite" => StoreBackend::Sqlite {
+                path: self.data_dir.join("lanyard.db"),
+            },
+            "postgres" => {
+                if self.store.url.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        key: "store.url",
+                        message: "required when store.backend = \"postgres\"".into(),
+                    });
+                }
+                StoreBackend::Postgres {
+                    url: self.store.url.clone(),
+                    max_connections: self.store.max_connections.max(1),
+                }
+            }
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "store.backend",
+                    message: format!("{other:?} is not \"sqlite\" or \"postgres\""),
+                });
+            }
+        };
+        let issuer_url = if self.issuer_url.is_empty() {
+            format!("http://{http_listen}")
+        } else {
+            self.issuer_url.trim_end_matches('/').to_string()
+        };
+        if !(issuer_url.starts_with("https://") || issuer_url.starts_with("http://")) {
+            return Err(ConfigError::Invalid {
+                key: "issuer_url",
+                message: "must be an http(s) URL".into(),
+            });
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid {
+                key: "log.format",
+                message: "must be \"text\" or \"json\"".into(),
+            });
+        }
+        if self.limits.max_request_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_request_bytes",
+                message: "must be at least 1024".into(),
+            });
+        }
+        Ok(Config {
+            data_dir: self.data_dir.clone(),
+            trust_domain: self.trust_domain.clone(),
+            issuer_url,
+            grpc_listen,
+            http_listen,
+            admin_socket,
+            store,
+            max_batch: self.store.max_batch.clamp(1, 4096),
+            issuer_url_derived: self.issuer_url.is_empty(),
+            policy_file: (!self.policy.file.is_empty()).then(|| PathBuf::from(&self.policy.file)),
+            signing: self.signing.clone(),
+            trust: self.trust.clone(),
+            max_request_bytes: self.limits.max_request_bytes,
+            log: self.log.clone(),
+        })
+    }
+}
+
+/// Turn `LANYARD_*` variables into a TOML document (`LANYARD_LISTEN__GRPC=x` becomes
+/// `[listen] grpc = "x"`). Values that parse as TOML scalars keep their type.
+fn env_to_toml(env: &[(String, String)]) -> Result<String, ConfigError> {
+    let mut root = toml::Table::new();
+    for (k, v) in env {
+        let Some(rest) = k.strip_prefix("LANYARD_") else {
+            continue;
+        };
+        // Client-side variables are not server configuration.
+        if matches!(rest, "ADMIN_SOCKET_CLIENT" | "GRPC" | "OUTPUT") {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        let value = match v.parse::<i64>() {
+            Ok(i) => toml::Value::Integer(i),
+            Err(_) => match v.as_str() {
+                "true" => toml::Value::Boolean(true),
+                "false" => toml::Value::Boolean(false),
+                _ => toml::Value::String(v.clone()),
+            },
+        };
+        let mut table = &mut root;
+        for (i, seg) in path.iter().enumerate() {
+            if i + 1 == path.len() {
+                table.insert(seg.clone(), value.clone());
+            } else {
+                let entry = table
+                    .entry(seg.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                table = match entry {
+                    toml::Value::Table(t) => t,
+                    _ => {
+                        return Err(ConfigError::Load(format!(
+                            "environment variable {k} conflicts with another"
+                        )));
+                    }
+                };
+            }
+        }
+    }
+    Ok(toml::to_string(&root).unwrap_or_default())
+}
+
+/// Where the store lives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreBackend {
+    /// Embedded SQLite file.
+    Sqlite {
+        /// Database file.
+        path: PathBuf,
+    },
+    /// PostgreSQL.
+    Postgres {
+        /// Connection URL.
+        url: String,
+        /// Pool size.
+        max_connections: u32,
+    },
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// lanyard's issuer URL, without trailing slash.
+    pub issuer_url: String,
+    /// The issuer URL was derived from `listen.http` (so a port-0 listener updates it
+    /// once bound).
+    pub issuer_url_derived: bool,
+    /// Workload gRPC address.
+    pub grpc_listen: SocketAddr,
+    /// HTTP address.
+    pub http_listen: SocketAddr,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Store.
+    pub store: StoreBackend,
+    /// Group-commit batch limit.
+    pub max_batch: usize,
+    /// Cedar policy file.
+    pub policy_file: Option<PathBuf>,
+    /// Signing keys.
+    pub signing: SigningConfig,
+    /// Issuer key fetching.
+    pub trust: TrustConfig,
+    /// Largest request, bytes.
+    pub max_request_bytes: usize,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let c = FileConfig::default().validate().unwrap();
+        assert_eq!(c.grpc_listen.to_string(), "127.0.0.1:7600");
+        assert_eq!(c.issuer_url, "http://127.0.0.1:7601");
+        assert_eq!(c.admin_socket, PathBuf::from("lanyard-data/admin.sock"));
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("l.toml");
+        std::fs::write(
+            &f,
+            "data_dir = \"/from-file\"\n[listen]\ngrpc = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:2\"\n",
+        )
+        .unwrap();
+        let env = vec![
+            (
+                "LANYARD_LISTEN__GRPC".to_string(),
+                "127.0.0.1:3".to_string(),
+            ),
+            ("LANYARD_STORE__MAX_BATCH".to_string(), "7".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let flags = FlagOverrides {
+            http_listen: Some("127.0.0.1:4".into()),
+            ..Default::default()
+        };
+        let c = FileConfig::load(Some(&f), &env, &flags).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/from-file"));
+        assert_eq!(c.listen.grpc, "127.0.0.1:3");
+        assert_eq!(c.listen.http, "127.0.0.1:4");
+        assert_eq!(c.store.max_batch, 7);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("l.toml");
+        std::fs::write(&f, "data_dri = \"x\"\n").unwrap();
+        let e = FileConfig::load(Some(&f), &[], &FlagOverrides::default()).unwrap_err();
+        assert!(e.to_string().contains("data_dri"), "{e}");
+        let mut c = FileConfig::default();
+        c.store.backend = "postgres".into();
+        assert!(c.validate().unwrap_err().to_string().contains("store.url"));
+        let mut c = FileConfig::default();
+        c.listen.grpc = "nope".into();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/lanyard.toml");
+        let c = FileConfig::load(Some(&example), &[], &FlagOverrides::default()).unwrap();
+        c.validate().unwrap();
+    }
+}

@@ -1,0 +1,32 @@
+//! The one registry of destination adapters: a configured `kind` maps to a constructor.
+//! Unknown kinds are refused when the destination is put, not when it is first used.
+
+use std::sync::Arc;
+
+use lanyard_destination::{Destination, DestinationError, DestinationSpec, TokenMinter};
+use lanyard_destination_jwt::JwtDestination;
+
+/// Adapter kinds this build knows.
+pub const KINDS: &[&str] = &["jwt"];
+
+/// Validate a spec and build its adapter.
+///
+/// # Errors
+/// [`DestinationError::InvalidSettings`] for bad common settings, an unknown kind, or
+/// settings the adapter refuses.
+pub fn build(
+    spec: &DestinationSpec,
+    minter: Arc<dyn TokenMinter>,
+) -> Result<Arc<dyn Destination>, DestinationError> {
+    spec.validate()?;
+    match spec.kind.as_str() {
+        "jwt" => Ok(Arc::new(JwtDestination::new(spec, minter)?)),
+        other => Err(DestinationError::InvalidSettings {
+            kind: other.chars().take(64).collect(),
+            message: format!(
+                "unknown destination kind; known kinds: {}",
+                KINDS.join(", ")
+            ),
+        }),
+    }
+}

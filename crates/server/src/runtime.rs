@@ -1,0 +1,704 @@
+//! The running control plane: the configuration snapshot (issuers, trust rules,
+//! destinations) loaded from the store, and the exchange, renew and release flows that
+//! the gRPC services call. Transport-free, so every flow is testable on its own.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use lanyard_core::{GrantId, ReasonCode, Scope, Secret, SharedClock, Ttl, WorkloadId};
+use lanyard_destination::{
+    Destination, DestinationSpec, IssueRequest, Issued, Revocability, RevokeOutcome, RevokeRequest,
+    TokenMinter,
+};
+use lanyard_keys::KeyRing;
+use lanyard_policy::{Action, Authorizer, Decision, DecisionRequest};
+use lanyard_store::{ConfigKind, GrantRecord, GrantStatus, NewAuditEvent, Store};
+use lanyard_trust::{IssuerConfig, TrustRule, Verifier, Workload, match_trust_rules};
+use serde_json::json;
+
+use crate::commit::Committer;
+use crate::error::ApiError;
+use crate::registry;
+
+/// Token types accepted as `subject_token_type`.
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// OIDC ID tokens are JWTs too.
+pub const TOKEN_TYPE_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+
+/// One configured destination: its spec and its adapter.
+#[derive(Clone)]
+pub struct DestinationEntry {
+    /// Settings.
+    pub spec: DestinationSpec,
+    /// Adapter instance.
+    pub adapter: Arc<dyn Destination>,
+}
+
+/// The configuration in force, swapped whole on reload.
+#[derive(Default, Clone)]
+pub struct Snapshot {
+    /// Store generation it was loaded at.
+    pub generation: i64,
+    /// Issuers.
+    pub issuers: Vec<IssuerConfig>,
+    /// Trust rules, sorted by priority then name.
+    pub rules: Vec<TrustRule>,
+    /// Destinations by name.
+    pub destinations: HashMap<String, DestinationEntry>,
+}
+
+/// Who is calling and which request this is, for audit and logs.
+#[derive(Debug, Clone, Default)]
+pub struct RequestCtx {
+    /// Request ID.
+    pub request_id: String,
+    /// Operator identity for admin calls (e.g. `uid:1000`).
+    pub operator: Option<String>,
+}
+
+/// What a workload asked for.
+pub struct ExchangeInput {
+    /// Subject token.
+    pub subject_token: Secret,
+    /// Its type URN (empty = JWT).
+    pub subject_token_type: String,
+    /// Actor token, for delegation.
+    pub actor_token: Option<Secret>,
+    /// Destination name.
+    pub destination: String,
+    /// Requested scopes.
+    pub scopes: Vec<String>,
+    /// Requested TTL, seconds (0 = default).
+    pub ttl_secs: u32,
+    /// Optional audience (must name the destination).
+    pub audience: String,
+}
+
+/// What the workload gets back.
+pub struct ExchangeOutput {
+    /// The recorded grant.
+    pub grant: GrantRecord,
+    /// The credential.
+    pub issued: Issued,
+    /// How revocable it is.
+    pub revocability: Revocability,
+}
+
+/// The result of a release.
+pub struct ReleaseOutput {
+    /// The grant after release.
+    pub grant: GrantRecord,
+    /// What the destination did.
+    pub outcome: RevokeOutcome,
+}
+
+/// The running control plane.
+pub struct Runtime {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Token verification.
+    pub verifier: Verifier,
+    /// Authorization.
+    pub authorizer: RwLock<Arc<dyn Authorizer>>,
+    /// lanyard's signing keys.
+    pub keys: Arc<KeyRing>,
+    /// The minter adapters use.
+    pub minter: Arc<dyn TokenMinter>,
+    /// Time.
+    pub clock: SharedClock,
+    /// Group commit.
+    pub committer: Committer,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    snapshot: RwLock<Arc<Snapshot>>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Runtime {
+    /// Assemble a runtime. Call [`Runtime::reload`] before serving.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn Store>,
+        verifier: Verifier,
+        authorizer: Arc<dyn Authorizer>,
+        keys: Arc<KeyRing>,
+        minter: Arc<dyn TokenMinter>,
+        clock: SharedClock,
+        committer: Committer,
+        trust_domain: String,
+    ) -> Self {
+        Self {
+            store,
+            verifier,
+            authorizer: RwLock::new(authorizer),
+            keys,
+            minter,
+            clock,
+            committer,
+            trust_domain,
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            reload_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        match self.snapshot.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The authorizer in force.
+    pub fn authorizer(&self) -> Arc<dyn Authorizer> {
+        match self.authorizer.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Reload issuers, trust rules and destinations from the store if its generation
+    /// moved (or always, with `force`). Objects that no longer validate are skipped and
+    /// logged, never fatal.
+    ///
+    /// # Errors
+    /// `STORE_UNAVAILABLE`.
+    pub async fn reload(&self, force: bool) -> Result<bool, ApiError> {
+        let _guard = self.reload_lock.lock().await;
+        let generation = self.store.config_generation().await?;
+        if !force && generation == self.snapshot().generation {
+            return Ok(false);
+        }
+        let mut snap = Snapshot {
+            generation,
+            ..Snapshot::default()
+        };
+        for obj in self.store.config_list(ConfigKind::Issuer).await? {
+            match serde_json::from_value::<IssuerConfig>(obj.spec) {
+                Ok(c) => snap.issuers.push(c),
+                Err(e) => {
+                    tracing::error!(issuer = %obj.name, error = %e, "stored issuer is invalid; skipped")
+                }
+            }
+        }
+        for obj in self.store.config_list(ConfigKind::TrustRule).await? {
+            match serde_json::from_value::<TrustRule>(obj.spec) {
+                Ok(r) => snap.rules.push(r),
+                Err(e) => {
+                    tracing::error!(rule = %obj.name, error = %e, "stored trust rule is invalid; skipped")
+                }
+            }
+        }
+        snap.rules
+            .sort_by(|a, b| a.priority.cmp(&b.priority).then(a.name.cmp(&b.name)));
+        for obj in self.store.config_list(ConfigKind::Destination).await? {
+            let built = serde_json::from_value::<DestinationSpec>(obj.spec)
+                .map_err(|e| e.to_string())
+                .and_then(|spec| {
+                    registry::build(&spec, self.minter.clone())
+                        .map(|adapter| DestinationEntry { spec, adapter })
+                        .map_err(|e| e.to_string())
+                });
+            match built {
+                Ok(entry) => {
+                    snap.destinations.insert(obj.name.clone(), entry);
+                }
+                Err(e) => {
+                    tracing::error!(destination = %obj.name, error = %e, "stored destination is invalid; skipped")
+                }
+            }
+        }
+        self.verifier.set_issuers(snap.issuers.clone());
+        let n = (
+            snap.issuers.len(),
+            snap.rules.len(),
+            snap.destinations.len(),
+        );
+        match self.snapshot.write() {
+            Ok(mut g) => *g = Arc::new(snap),
+            Err(p) => *p.into_inner() = Arc::new(snap),
+        }
+        tracing::info!(
+            generation,
+            issuers = n.0,
+            trust_rules = n.1,
+            destinations = n.2,
+            "configuration loaded"
+        );
+        Ok(true)
+    }
+
+    fn event(&self, kind: &str, ctx: &RequestCtx) -> NewAuditEvent {
+        NewAuditEvent {
+            time_ms: self.clock.now_unix_millis(),
+            kind: kind.into(),
+            request_id: Some(ctx.request_id.clone()),
+            actor: ctx.operator.clone(),
+            ..NewAuditEvent::default()
+        }
+    }
+
+    /// Verify a subject token and map it to a workload.
+    ///
+    /// # Errors
+    /// The trust error's reason (`TOKEN_EXPIRED`, `ISSUER_UNKNOWN`, `NO_TRUST_RULE`...).
+    pub async fn identify(
+        &self,
+        token: &Secret,
+        token_type: &str,
+    ) -> Result<Workload, (ApiError, Option<String>)> {
+        if token.is_empty() {
+            return Err((ApiError::invalid("subject_token is required"), None));
+        }
+        if !matches!(token_type, "" | TOKEN_TYPE_JWT | TOKEN_TYPE_ID_TOKEN) {
+            return Err((
+                ApiError::invalid(format!(
+                    "subject_token_type must be {TOKEN_TYPE_JWT} or {TOKEN_TYPE_ID_TOKEN}"
+                )),
+                None,
+            ));
+        }
+        let verified = self
+            .verifier
+            .verify(token)
+            .await
+            .map_err(|e| (e.into(), None))?;
+        let issuer = verified.issuer.clone();
+        let snap = self.snapshot();
+        match_trust_rules(&snap.rules, &verified, &self.trust_domain)
+            .map_err(|e| (e.into(), Some(issuer)))
+    }
+
+    /// Write a denial to the audit stream, then return the error. If the audit write
+    /// fails, the caller gets `STORE_UNAVAILABLE` instead: no unaudited decision.
+    async fn deny(&self, mut event: NewAuditEvent, err: ApiError) -> ApiError {
+        event.decision = Some("deny".into());
+        event.reason = Some(err.reason.as_str().into());
+        if let Err(e) = self.committer.commit(None, event).await {
+            return e;
+        }
+        err
+    }
+
+    /// The exchange flow: verify, map, check destination, scopes and policy, issue,
+    /// record, audit.
+    ///
+    /// # Errors
+    /// An [`ApiError`] with a stable reason; every denial is audited first.
+    pub async fn exchange(
+        &self,
+        input: ExchangeInput,
+        ctx: &RequestCtx,
+    ) -> Result<ExchangeOutput, ApiError> {
+        let mut ev = self.event("exchange.denied", ctx);
+        ev.destination = Some(input.destination.clone()).filter(|d| !d.is_empty());
+        ev.detail = json!({ "scopes": input.scopes, "requested_ttl_secs": input.ttl_secs });
+        if input.destination.is_empty() {
+            return Err(self
+                .deny(ev, ApiError::invalid("destination is required"))
+                .await);
+        }
+        if input.actor_token.is_some() {
+            return Err(self
+                .deny(
+                    ev,
+                    ApiError::new(
+                        ReasonCode::Unimplemented,
+                        "actor_token (delegation) is not supported by this server version",
+                    ),
+                )
+                .await);
+        }
+        let workload = match self
+            .identify(&input.subject_token, &input.subject_token_type)
+            .await
+        {
+            Ok(w) => w,
+            Err((e, issuer)) => {
+                ev.issuer = issuer;
+                return Err(self.deny(ev, e).await);
+            }
+        };
+        ev.workload_id = Some(workload.id.to_string());
+        ev.issuer = Some(workload.issuer.clone());
+        ev.task_id = workload.task.as_ref().map(|t| t.to_string());
+        let snap = self.snapshot();
+        let Some(dest) = snap.destinations.get(&input.destination) else {
+            return Err(self
+                .deny(
+                    ev,
+                    ApiError::new(
+                        ReasonCode::DestinationUnknown,
+                        format!("no destination named {:?}", truncate(&input.destination)),
+                    ),
+                )
+                .await);
+        };
+        let (scopes, ttl) = match check_request(&dest.spec, &input) {
+            Ok(v) => v,
+            Err(e) => return Err(self.deny(ev, e).await),
+        };
+        let now = self.clock.now_unix();
+        let decision = self.decide(Action::Exchange, &workload, dest, &scopes, ttl, now);
+        ev.detail["policy_version"] = json!(decision.policy_version);
+        ev.detail["determining_policies"] = json!(decision.determining_policies);
+        if !decision.allowed {
+            let msg = format!(
+                "policy denied workload {} access to destination {}",
+                workload.id, dest.spec.name
+            );
+            return Err(self
+                .deny(ev, ApiError::new(ReasonCode::PolicyDenied, msg))
+                .await);
+        }
+        let grant_id = GrantId::generate();
+        let no_actors: [String; 0] = [];
+        let issued = match dest
+            .adapter
+            .issue(IssueRequest {
+                grant_id: &grant_id,
+                workload: &workload.id,
+                issuer: &workload.issuer,
+                task: workload.task.as_ref(),
+                scopes: &scopes,
+                ttl,
+                now,
+                actor_chain: &no_actors,
+                claims: &workload.claims,
+            })
+            .await
+        {
+            Ok(i) => i,
+            Err(e) => return Err(self.deny(ev, e.into()).await),
+        };
+        let grant = GrantRecord {
+            id: grant_id.clone(),
+            workload_id: workload.id.to_string(),
+            issuer: workload.issuer.clone(),
+            trust_rule: workload.rule.clone(),
+            task_id: workload.task.as_ref().map(|t| t.to_string()),
+            destination: dest.spec.name.clone(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            actor_chain: vec![],
+            issued_at: now,
+            expires_at: issued.expires_at,
+            status: GrantStatus::Active,
+            finished_at: None,
+            revocation_handle: issued.revocation_handle.clone(),
+            renew_count: 0,
+        };
+        ev.kind = "exchange.granted".into();
+        ev.decision = Some("allow".into());
+        ev.grant_id = Some(grant_id.to_string());
+        ev.detail["scopes"] = json!(grant.scopes);
+        ev.detail["ttl_secs"] = json!(ttl.as_secs());
+        ev.detail["expires_at"] = json!(issued.expires_at);
+        ev.detail["trust_rule"] = json!(workload.rule);
+        self.committer.commit(Some(grant.clone()), ev).await?;
+        tracing::info!(
+            request_id = %ctx.request_id,
+            workload = %workload.id,
+            destination = %dest.spec.name,
+            grant = %grant_id,
+            ttl = ttl.as_secs(),
+            "exchange granted"
+        );
+        Ok(ExchangeOutput {
+            grant,
+            issued,
+            revocability: dest.adapter.revocability(),
+        })
+    }
+
+    fn decide(
+        &self,
+        action: Action,
+        workload: &Workload,
+        dest: &DestinationEntry,
+        scopes: &[Scope],
+        ttl: Ttl,
+        now: i64,
+    ) -> Decision {
+        let scope_strings: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        let task = workload.task.as_ref().map(|t| t.as_str().to_string());
+        self.authorizer().decide(&DecisionRequest {
+            workload_id: workload.id.as_str(),
+            issuer: &workload.issuer,
+            claims: &workload.claims,
+            destination: &dest.spec.name,
+            destination_kind: &dest.spec.kind,
+            destination_labels: &dest.spec.labels,
+            action,
+            scopes: &scope_strings,
+            ttl_secs: ttl.as_secs(),
+            task_id: task.as_deref(),
+            now,
+        })
+    }
+
+    /// Load a grant and check that `workload` may act on it.
+    async fn owned_grant(
+        &self,
+        grant_id: &str,
+        workload: &Workload,
+    ) -> Result<GrantRecord, ApiError> {
+        let id = GrantId::parse(grant_id)
+            .map_err(|_| ApiError::new(ReasonCode::GrantNotFound, "grant_id is malformed"))?;
+        let grant =
+            self.store.grant_get(&id).await?.ok_or_else(|| {
+                ApiError::new(ReasonCode::GrantNotFound, format!("no grant {id}"))
+            })?;
+        let same_task = grant.task_id.as_deref() == workload.task.as_ref().map(|t| t.as_str());
+        if grant.workload_id != workload.id.as_str() || !same_task {
+            // Same answer whether the grant belongs to another workload or another task.
+            return Err(ApiError::new(
+                ReasonCode::GrantMismatch,
+                "the subject token is not for this grant's workload and task",
+            ));
+        }
+        Ok(grant)
+    }
+
+    /// Renew an active grant with fresh proof.
+    ///
+    /// # Errors
+    /// `GRANT_NOT_FOUND`, `GRANT_MISMATCH`, `GRANT_NOT_ACTIVE`, `POLICY_DENIED`, and any
+    /// token reason.
+    pub async fn renew(
+        &self,
+        grant_id: &str,
+        token: &Secret,
+        token_type: &str,
+        ttl_secs: u32,
+        ctx: &RequestCtx,
+    ) -> Result<ExchangeOutput, ApiError> {
+        let mut ev = self.event("grant.renew_denied", ctx);
+        ev.grant_id = Some(truncate(grant_id));
+        let workload = match self.identify(token, token_type).await {
+            Ok(w) => w,
+            Err((e, issuer)) => {
+                ev.issuer = issuer;
+                return Err(self.deny(ev, e).await);
+            }
+        };
+        ev.workload_id = Some(workload.id.to_string());
+        ev.issuer = Some(workload.issuer.clone());
+        let grant = match self.owned_grant(grant_id, &workload).await {
+            Ok(g) => g,
+            Err(e) => return Err(self.deny(ev, e).await),
+        };
+        ev.destination = Some(grant.destination.clone());
+        ev.task_id = grant.task_id.clone();
+        let now = self.clock.now_unix();
+        if grant.status != GrantStatus::Active || grant.expires_at <= now {
+            let e = ApiError::new(
+                ReasonCode::GrantNotActive,
+                format!("grant is {}; exchange again", effective_status(&grant, now)),
+            );
+            return Err(self.deny(ev, e).await);
+        }
+        let snap = self.snapshot();
+        let Some(dest) = snap.destinations.get(&grant.destination) else {
+            let e = ApiError::new(
+                ReasonCode::DestinationUnknown,
+                format!("destination {:?} no longer exists", grant.destination),
+            );
+            return Err(self.deny(ev, e).await);
+        };
+        let requested = if ttl_secs == 0 {
+            None
+        } else {
+            Some(
+                Ttl::from_secs(u64::from(ttl_secs))
+                    .map_err(|e| ApiError::new(ReasonCode::TtlInvalid, e.to_string()))?,
+            )
+        };
+        let ttl = dest.spec.effective_ttl(requested);
+        let scopes: Vec<Scope> = grant
+            .scopes
+            .iter()
+            .filter_map(|s| Scope::parse(s).ok())
+            .collect();
+        let decision = self.decide(Action::Renew, &workload, dest, &scopes, ttl, now);
+        ev.detail = json!({"policy_version": decision.policy_version, "determining_policies": decision.determining_policies});
+        if !decision.allowed {
+            let e = ApiError::new(ReasonCode::PolicyDenied, "policy denied renewal");
+            return Err(self.deny(ev, e).await);
+        }
+        let workload_id =
+            WorkloadId::parse(&grant.workload_id).map_err(|e| ApiError::internal(&e))?;
+        let no_actors: [String; 0] = [];
+        let issued = match dest
+            .adapter
+            .issue(IssueRequest {
+                grant_id: &grant.id,
+                workload: &workload_id,
+                issuer: &workload.issuer,
+                task: workload.task.as_ref(),
+                scopes: &scopes,
+                ttl,
+                now,
+                actor_chain: &no_actors,
+                claims: &workload.claims,
+            })
+            .await
+        {
+            Ok(i) => i,
+            Err(e) => return Err(self.deny(ev, e.into()).await),
+        };
+        ev.kind = "grant.renewed".into();
+        ev.decision = Some("allow".into());
+        ev.detail["expires_at"] = json!(issued.expires_at);
+        ev.detail["ttl_secs"] = json!(ttl.as_secs());
+        let grant = self
+            .store
+            .grant_renew(
+                &grant.id,
+                now,
+                issued.expires_at,
+                &issued.revocation_handle,
+                ev,
+            )
+            .await
+            .map_err(|e| match e {
+                lanyard_store::StoreError::Conflict(_) => ApiError::new(
+                    ReasonCode::GrantNotActive,
+                    "grant is no longer active; exchange again",
+                ),
+                other => other.into(),
+            })?;
+        Ok(ExchangeOutput {
+            grant,
+            issued,
+            revocability: dest.adapter.revocability(),
+        })
+    }
+
+    /// Release a grant: mark it released, then revoke at the destination.
+    ///
+    /// # Errors
+    /// `GRANT_NOT_FOUND`, `GRANT_MISMATCH`, `GRANT_NOT_ACTIVE`, and any token reason.
+    pub async fn release(
+        &self,
+        grant_id: &str,
+        token: &Secret,
+        token_type: &str,
+        ctx: &RequestCtx,
+    ) -> Result<ReleaseOutput, ApiError> {
+        let mut ev = self.event("grant.release_denied", ctx);
+        ev.grant_id = Some(truncate(grant_id));
+        let workload = match self.identify(token, token_type).await {
+            Ok(w) => w,
+            Err((e, issuer)) => {
+                ev.issuer = issuer;
+                return Err(self.deny(ev, e).await);
+            }
+        };
+        ev.workload_id = Some(workload.id.to_string());
+        ev.issuer = Some(workload.issuer.clone());
+        let grant = match self.owned_grant(grant_id, &workload).await {
+            Ok(g) => g,
+            Err(e) => return Err(self.deny(ev, e).await),
+        };
+        let now = self.clock.now_unix();
+        ev.destination = Some(grant.destination.clone());
+        ev.task_id = grant.task_id.clone();
+        if grant.status != GrantStatus::Active {
+            let e = ApiError::new(
+                ReasonCode::GrantNotActive,
+                format!("grant is already {}", grant.status.as_str()),
+            );
+            return Err(self.deny(ev, e).await);
+        }
+        let snap = self.snapshot();
+        let outcome = match snap.destinations.get(&grant.destination) {
+            Some(dest) => dest
+                .adapter
+                .revoke(RevokeRequest {
+                    grant_id: &grant.id,
+                    revocation_handle: &grant.revocation_handle,
+                    workload_id: &grant.workload_id,
+                    expires_at: grant.expires_at,
+                    now,
+                })
+                .await
+                .map_err(ApiError::from)?,
+            None => RevokeOutcome::ExpiresAt {
+                at: grant.expires_at,
+                detail: "destination no longer configured; the credential expires by itself".into(),
+            },
+        };
+        ev.kind = "grant.released".into();
+        ev.decision = Some("allow".into());
+        ev.detail = json!({ "receipt": outcome });
+        let grant = self
+            .store
+            .grant_finish(&grant.id, GrantStatus::Released, now, ev)
+            .await
+            .map_err(|e| match e {
+                lanyard_store::StoreError::Conflict(_) => {
+                    ApiError::new(ReasonCode::GrantNotActive, "grant is no longer active")
+                }
+                other => other.into(),
+            })?;
+        Ok(ReleaseOutput { grant, outcome })
+    }
+}
+
+/// Check scopes, TTL and audience against the destination.
+fn check_request(
+    spec: &DestinationSpec,
+    input: &ExchangeInput,
+) -> Result<(Vec<Scope>, Ttl), ApiError> {
+    let mut scopes = Vec::with_capacity(input.scopes.len());
+    for s in &input.scopes {
+        let scope = Scope::parse(s)
+            .map_err(|e| ApiError::new(ReasonCode::ScopeNotAllowed, e.to_string()))?;
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    let unknown = spec.unknown_scopes(&scopes);
+    if !unknown.is_empty() {
+        let names: Vec<&str> = unknown.iter().map(|s| s.as_str()).collect();
+        return Err(ApiError::new(
+            ReasonCode::ScopeNotAllowed,
+            format!(
+                "destination {} does not offer scope(s) {}; it offers: {}",
+                spec.name,
+                names.join(", "),
+                spec.scopes.join(", ")
+            ),
+        ));
+    }
+    let requested = if input.ttl_secs == 0 {
+        None
+    } else {
+        Some(
+            Ttl::from_secs(u64::from(input.ttl_secs))
+                .map_err(|e| ApiError::new(ReasonCode::TtlInvalid, e.to_string()))?,
+        )
+    };
+    if !input.audience.is_empty() {
+        let dest_aud = spec.settings.get("audience").and_then(|a| a.as_str());
+        if input.audience != spec.name && Some(input.audience.as_str()) != dest_aud {
+            return Err(ApiError::invalid(
+                "audience does not match the destination (leave it empty, or give the destination's audience)",
+            ));
+        }
+    }
+    Ok((scopes, spec.effective_ttl(requested)))
+}
+
+fn effective_status(g: &GrantRecord, now: i64) -> &'static str {
+    if g.status == GrantStatus::Active && g.expires_at <= now {
+        "expired"
+    } else {
+        g.status.as_str()
+    }
+}
+
+/// Shorten caller-supplied text before echoing it.
+pub(crate) fn truncate(s: &str) -> String {
+    s.chars().take(100).collect()
+}

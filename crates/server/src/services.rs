@@ -1,0 +1,854 @@
+//! The gRPC services: thin adapters from lanyard.v1 messages to [`Runtime`] flows.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use lanyard_core::{GrantId, ReasonCode, Secret};
+use lanyard_proto::v1 as pb;
+use lanyard_proto::v1::admin_service_server::AdminService;
+use lanyard_proto::v1::audit_service_server::AuditService;
+use lanyard_proto::v1::exchange_service_server::ExchangeService;
+use lanyard_store::{
+    ConfigKind, GrantFilter, GrantStatus, NewAuditEvent, NewConfigObject, PageRequest,
+};
+use lanyard_trust::Workload;
+use serde_json::json;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::error::ApiError;
+use crate::runtime::{ExchangeInput, RequestCtx, Runtime, truncate};
+
+type Rpc<T> = Result<Response<T>, Status>;
+
+/// Build the request context: a request ID (the caller's `x-request-id` when it is
+/// short and plain, else a new one) and, on the admin socket, the peer's uid.
+fn ctx_of<T>(req: &Request<T>) -> RequestCtx {
+    let request_id = req
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let operator = req
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| format!("uid:{}", c.uid()));
+    RequestCtx {
+        request_id,
+        operator,
+    }
+}
+
+fn respond<T>(ctx: &RequestCtx, body: T) -> Response<T> {
+    let mut r = Response::new(body);
+    if let Ok(v) = ctx.request_id.parse() {
+        r.metadata_mut().insert("x-request-id", v);
+    }
+    r
+}
+
+fn fail(ctx: &RequestCtx, e: ApiError) -> Status {
+    tracing::info!(request_id = %ctx.request_id, reason = %e.reason, "request refused");
+    let mut s: Status = e.into();
+    if let Ok(v) = ctx.request_id.parse() {
+        s.metadata_mut().insert("x-request-id", v);
+    }
+    s
+}
+
+// === impl ExchangeService ===
+
+/// The workload-facing service.
+pub struct ExchangeSvc {
+    /// The runtime.
+    pub rt: Arc<Runtime>,
+}
+
+fn exchange_response(out: crate::runtime::ExchangeOutput) -> pb::ExchangeResponse {
+    pb::ExchangeResponse {
+        grant_id: out.grant.id.to_string(),
+        expires_at: convert::ts(out.issued.expires_at),
+        scopes: out.grant.scopes.clone(),
+        workload_id: out.grant.workload_id.clone(),
+        task_id: out.grant.task_id.clone().unwrap_or_default(),
+        destination: out.grant.destination.clone(),
+        revocability: convert::revocability_to_pb(out.revocability),
+        credential: Some(convert::credential_to_pb(out.issued.credential)),
+    }
+}
+
+#[tonic::async_trait]
+impl ExchangeService for ExchangeSvc {
+    async fn exchange(&self, req: Request<pb::ExchangeRequest>) -> Rpc<pb::ExchangeResponse> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let input = ExchangeInput {
+            subject_token: Secret::new(r.subject_token),
+            subject_token_type: r.subject_token_type,
+            actor_token: (!r.actor_token.is_empty()).then(|| Secret::new(r.actor_token)),
+            destination: r.destination,
+            scopes: r.scopes,
+            ttl_secs: r.requested_ttl_seconds,
+            audience: r.audience,
+        };
+        match self.rt.exchange(input, &ctx).await {
+            Ok(out) => Ok(respond(&ctx, exchange_response(out))),
+            Err(e) => Err(fail(&ctx, e)),
+        }
+    }
+
+    async fn renew(&self, req: Request<pb::RenewRequest>) -> Rpc<pb::ExchangeResponse> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let token = Secret::new(r.subject_token);
+        match self
+            .rt
+            .renew(
+                &r.grant_id,
+                &token,
+                &r.subject_token_type,
+                r.requested_ttl_seconds,
+                &ctx,
+            )
+            .await
+        {
+            Ok(out) => Ok(respond(&ctx, exchange_response(out))),
+            Err(e) => Err(fail(&ctx, e)),
+        }
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Rpc<pb::ReleaseResponse> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let token = Secret::new(r.subject_token);
+        match self
+            .rt
+            .release(&r.grant_id, &token, &r.subject_token_type, &ctx)
+            .await
+        {
+            Ok(out) => {
+                let now = self.rt.clock.now_unix();
+                Ok(respond(
+                    &ctx,
+                    pb::ReleaseResponse {
+                        grant_id: out.grant.id.to_string(),
+                        status: out.grant.status.as_str().into(),
+                        receipt: Some(convert::receipt_to_pb(&out.grant, &out.outcome, now)),
+                    },
+                ))
+            }
+            Err(e) => Err(fail(&ctx, e)),
+        }
+    }
+}
+
+// === impl AdminService ===
+
+/// The operator service (admin socket only).
+pub struct AdminSvc {
+    /// The runtime.
+    pub rt: Arc<Runtime>,
+    /// lanyard's own issuer URL, which may never be registered as a trusted issuer.
+    pub own_issuer_url: String,
+}
+
+impl AdminSvc {
+    async fn put_object(
+        &self,
+        ctx: &RequestCtx,
+        kind: ConfigKind,
+        name: &str,
+        spec: serde_json::Value,
+        expected_revision: Option<i64>,
+    ) -> Result<i64, ApiError> {
+        let before = self.rt.store.config_get(kind, name).await?.map(|o| o.spec);
+        let now_ms = self.rt.clock.now_unix_millis();
+        let event = NewAuditEvent {
+            time_ms: now_ms,
+            kind: format!("{}.put", kind.as_str()),
+            request_id: Some(ctx.request_id.clone()),
+            actor: ctx.operator.clone(),
+            detail: json!({ "name": name, "before": before, "after": spec }),
+            ..NewAuditEvent::default()
+        };
+        let obj = self
+            .rt
+            .store
+            .config_put(
+                NewConfigObject {
+                    kind,
+                    name: name.to_string(),
+                    spec,
+                    updated_by: ctx.operator.clone().unwrap_or_else(|| "unknown".into()),
+                    now: now_ms / 1000,
+                },
+                expected_revision,
+                event,
+            )
+            .await?;
+        self.rt.reload(true).await?;
+        tracing::info!(request_id = %ctx.request_id, kind = kind.as_str(), name, "configuration changed");
+        Ok(obj.revision)
+    }
+
+    async fn delete_object(
+        &self,
+        ctx: &RequestCtx,
+        kind: ConfigKind,
+        name: &str,
+    ) -> Result<(), ApiError> {
+        let before = self.rt.store.config_get(kind, name).await?.map(|o| o.spec);
+        if before.is_none() {
+            return Err(ApiError::new(
+                ReasonCode::NotFound,
+                format!("no {} named {:?}", kind.as_str(), truncate(name)),
+            ));
+        }
+        let event = NewAuditEvent {
+            time_ms: self.rt.clock.now_unix_millis(),
+            kind: format!("{}.delete", kind.as_str()),
+            request_id: Some(ctx.request_id.clone()),
+            actor: ctx.operator.clone(),
+            detail: json!({ "name": name, "before": before }),
+            ..NewAuditEvent::default()
+        };
+        self.rt.store.config_delete(kind, name, event).await?;
+        self.rt.reload(true).await?;
+        Ok(())
+    }
+
+    fn key_status(&self, name: &str) -> Option<pb::KeySetStatus> {
+        self.rt
+            .verifier
+            .status()
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| pb::KeySetStatus {
+                kids: s.kids,
+                fetched_at: s.fetched_at.and_then(convert::ts),
+                fresh_until: s.expires_at.and_then(convert::ts),
+                last_error: s.last_error.unwrap_or_default(),
+                stale: s.stale,
+            })
+    }
+
+    async fn issuer_out(&self, name: &str) -> Result<pb::Issuer, ApiError> {
+        let obj = self
+            .rt
+            .store
+            .config_get(ConfigKind::Issuer, name)
+            .await?
+            .ok_or_else(|| {
+                ApiError::new(
+                    ReasonCode::NotFound,
+                    format!("no issuer named {:?}", truncate(name)),
+                )
+            })?;
+        let cfg: lanyard_trust::IssuerConfig =
+            serde_json::from_value(obj.spec).map_err(|e| ApiError::internal(&e))?;
+        let mut out = convert::issuer_to_pb(&cfg, obj.revision);
+        out.key_status = self.key_status(name);
+        Ok(out)
+    }
+}
+
+fn valid_name(kind: &str, name: &str) -> Result<(), ApiError> {
+    if lanyard_destination::valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "{kind} name {:?} must be 1-63 characters of [a-z0-9-]",
+            truncate(name)
+        )))
+    }
+}
+
+type RevokeStream = Pin<Box<dyn Stream<Item = Result<pb::RevokeEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AdminService for AdminSvc {
+    async fn put_issuer(&self, req: Request<pb::PutIssuerRequest>) -> Rpc<pb::Issuer> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = async {
+            let issuer = r.issuer.ok_or_else(|| ApiError::invalid("issuer is required"))?;
+            valid_name("issuer", &issuer.name)?;
+            let cfg = convert::issuer_from_pb(issuer)?;
+            cfg.validate()?;
+            if cfg.issuer_url.trim_end_matches('/') == self.own_issuer_url.trim_end_matches('/') {
+                return Err(ApiError::invalid(
+                    "lanyard's own issuer cannot be a trusted issuer: its tokens are never subject tokens",
+                ));
+            }
+            let spec = serde_json::to_value(&cfg).map_err(|e| ApiError::internal(&e))?;
+            self.put_object(&ctx, ConfigKind::Issuer, &cfg.name, spec, r.expected_revision)
+                .await?;
+            self.issuer_out(&cfg.name).await
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn get_issuer(&self, req: Request<pb::GetRequest>) -> Rpc<pb::Issuer> {
+        let ctx = ctx_of(&req);
+        let name = req.into_inner().name;
+        self.issuer_out(&name)
+            .await
+            .map(|b| respond(&ctx, b))
+            .map_err(|e| fail(&ctx, e))
+    }
+
+    async fn list_issuers(&self, req: Request<pb::ListRequest>) -> Rpc<pb::ListIssuersResponse> {
+        let ctx = ctx_of(&req);
+        let result = async {
+            let mut issuers = Vec::new();
+            for obj in self.rt.store.config_list(ConfigKind::Issuer).await? {
+                let cfg: lanyard_trust::IssuerConfig =
+                    serde_json::from_value(obj.spec).map_err(|e| ApiError::internal(&e))?;
+                let mut out = convert::issuer_to_pb(&cfg, obj.revision);
+                out.key_status = self.key_status(&obj.name);
+                issuers.push(out);
+            }
+            Ok::<_, ApiError>(pb::ListIssuersResponse { issuers })
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn delete_issuer(&self, req: Request<pb::DeleteRequest>) -> Rpc<pb::DeleteResponse> {
+        let ctx = ctx_of(&req);
+        let name = req.into_inner().name;
+        self.delete_object(&ctx, ConfigKind::Issuer, &name)
+            .await
+            .map(|()| respond(&ctx, pb::DeleteResponse { name }))
+            .map_err(|e| fail(&ctx, e))
+    }
+
+    async fn refresh_issuer_keys(&self, req: Request<pb::GetRequest>) -> Rpc<pb::Issuer> {
+        let ctx = ctx_of(&req);
+        let name = req.into_inner().name;
+        let result = async {
+            // A failed fetch is reported in key_status.last_error, not as an RPC error.
+            if let Err(e) = self.rt.verifier.refresh(&name).await {
+                if e.reason() == ReasonCode::IssuerUnknown {
+                    return Err(ApiError::new(
+                        ReasonCode::NotFound,
+                        format!("no issuer named {:?}", truncate(&name)),
+                    ));
+                }
+            }
+            self.issuer_out(&name).await
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn put_trust_rule(&self, req: Request<pb::PutTrustRuleRequest>) -> Rpc<pb::TrustRule> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = async {
+            let rule = r
+                .rule
+                .ok_or_else(|| ApiError::invalid("rule is required"))?;
+            valid_name("trust rule", &rule.name)?;
+            let rule = convert::rule_from_pb(rule)?;
+            rule.validate(&self.rt.trust_domain)?;
+            if self
+                .rt
+                .store
+                .config_get(ConfigKind::Issuer, &rule.issuer)
+                .await?
+                .is_none()
+            {
+                return Err(ApiError::new(
+                    ReasonCode::NotFound,
+                    format!(
+                        "trust rule names issuer {:?}, which does not exist",
+                        truncate(&rule.issuer)
+                    ),
+                ));
+            }
+            let spec = serde_json::to_value(&rule).map_err(|e| ApiError::internal(&e))?;
+            let rev = self
+                .put_object(
+                    &ctx,
+                    ConfigKind::TrustRule,
+                    &rule.name,
+                    spec,
+                    r.expected_revision,
+                )
+                .await?;
+            Ok(convert::rule_to_pb(&rule, rev))
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn list_trust_rules(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Rpc<pb::ListTrustRulesResponse> {
+        let ctx = ctx_of(&req);
+        let issuer = req.into_inner().issuer;
+        let result = async {
+            let mut rules = Vec::new();
+            for obj in self.rt.store.config_list(ConfigKind::TrustRule).await? {
+                let rule: lanyard_trust::TrustRule =
+                    serde_json::from_value(obj.spec).map_err(|e| ApiError::internal(&e))?;
+                if issuer.is_empty() || rule.issuer == issuer {
+                    rules.push(convert::rule_to_pb(&rule, obj.revision));
+                }
+            }
+            Ok::<_, ApiError>(pb::ListTrustRulesResponse { rules })
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn delete_trust_rule(&self, req: Request<pb::DeleteRequest>) -> Rpc<pb::DeleteResponse> {
+        let ctx = ctx_of(&req);
+        let name = req.into_inner().name;
+        self.delete_object(&ctx, ConfigKind::TrustRule, &name)
+            .await
+            .map(|()| respond(&ctx, pb::DeleteResponse { name }))
+            .map_err(|e| fail(&ctx, e))
+    }
+
+    async fn put_destination(
+        &self,
+        req: Request<pb::PutDestinationRequest>,
+    ) -> Rpc<pb::Destination> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = async {
+            let d = r
+                .destination
+                .ok_or_else(|| ApiError::invalid("destination is required"))?;
+            valid_name("destination", &d.name)?;
+            let spec = convert::destination_from_pb(d);
+            crate::registry::build(&spec, self.rt.minter.clone())?;
+            let value = serde_json::to_value(&spec).map_err(|e| ApiError::internal(&e))?;
+            let rev = self
+                .put_object(
+                    &ctx,
+                    ConfigKind::Destination,
+                    &spec.name,
+                    value,
+                    r.expected_revision,
+                )
+                .await?;
+            Ok(convert::destination_to_pb(&spec, rev))
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn list_destinations(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Rpc<pb::ListDestinationsResponse> {
+        let ctx = ctx_of(&req);
+        let result = async {
+            let mut destinations = Vec::new();
+            for obj in self.rt.store.config_list(ConfigKind::Destination).await? {
+                let spec: lanyard_destination::DestinationSpec =
+                    serde_json::from_value(obj.spec).map_err(|e| ApiError::internal(&e))?;
+                destinations.push(convert::destination_to_pb(&spec, obj.revision));
+            }
+            Ok::<_, ApiError>(pb::ListDestinationsResponse { destinations })
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn delete_destination(&self, req: Request<pb::DeleteRequest>) -> Rpc<pb::DeleteResponse> {
+        let ctx = ctx_of(&req);
+        let name = req.into_inner().name;
+        self.delete_object(&ctx, ConfigKind::Destination, &name)
+            .await
+            .map(|()| respond(&ctx, pb::DeleteResponse { name }))
+            .map_err(|e| fail(&ctx, e))
+    }
+
+    async fn list_grants(
+        &self,
+        req: Request<pb::ListGrantsRequest>,
+    ) -> Rpc<pb::ListGrantsResponse> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = async {
+            let status = if r.status.is_empty() {
+                None
+            } else {
+                Some(GrantStatus::parse(&r.status).ok_or_else(|| {
+                    ApiError::invalid("status must be active, released, revoked or expired")
+                })?)
+            };
+            let opt = |s: String| (!s.is_empty()).then_some(s);
+            let filter = GrantFilter {
+                workload_id: opt(r.workload_id),
+                workload_prefix: opt(r.workload_prefix),
+                issuer: opt(r.issuer),
+                destination: opt(r.destination),
+                task_id: opt(r.task_id),
+                status,
+            };
+            let page = self
+                .rt
+                .store
+                .grant_list(
+                    &filter,
+                    &PageRequest {
+                        limit: r.page_size,
+                        cursor: opt(r.page_token),
+                    },
+                )
+                .await?;
+            Ok::<_, ApiError>(pb::ListGrantsResponse {
+                grants: page.items.iter().map(convert::grant_to_pb).collect(),
+                next_page_token: page.next_cursor.unwrap_or_default(),
+            })
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn get_grant(&self, req: Request<pb::GetRequest>) -> Rpc<pb::Grant> {
+        let ctx = ctx_of(&req);
+        let name = req.into_inner().name;
+        let result = async {
+            let id = GrantId::parse(&name)
+                .map_err(|_| ApiError::new(ReasonCode::GrantNotFound, "grant id is malformed"))?;
+            let g = self.rt.store.grant_get(&id).await?.ok_or_else(|| {
+                ApiError::new(ReasonCode::GrantNotFound, format!("no grant {id}"))
+            })?;
+            Ok::<_, ApiError>(convert::grant_to_pb(&g))
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    type RevokeStream = RevokeStream;
+
+    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Rpc<Self::RevokeStream> {
+        let ctx = ctx_of(&req);
+        Err(fail(
+            &ctx,
+            ApiError::new(
+                ReasonCode::Unimplemented,
+                "Revoke (durable revoke-everywhere with receipts) is not served by this version; use Release per grant",
+            ),
+        ))
+    }
+
+    async fn explain(&self, req: Request<pb::ExplainRequest>) -> Rpc<pb::ExplainResponse> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let token = Secret::new(r.subject_token);
+        let mut out = pb::ExplainResponse::default();
+        match self.rt.identify(&token, "").await {
+            Err((e, issuer)) => {
+                out.reason = e.reason.as_str().into();
+                out.message = e.message;
+                out.issuer = issuer.unwrap_or_default();
+            }
+            Ok(w) => {
+                fill_workload(&mut out, &w);
+                let snap = self.rt.snapshot();
+                match snap.destinations.get(&r.destination) {
+                    None => {
+                        out.reason = ReasonCode::DestinationUnknown.as_str().into();
+                        out.message =
+                            format!("no destination named {:?}", truncate(&r.destination));
+                    }
+                    Some(dest) => {
+                        let scopes: Vec<String> = r.scopes.clone();
+                        let ttl = dest.spec.effective_ttl(
+                            lanyard_core::Ttl::from_secs(u64::from(r.requested_ttl_seconds)).ok(),
+                        );
+                        let task = w.task.as_ref().map(|t| t.as_str().to_string());
+                        let d = self
+                            .rt
+                            .authorizer()
+                            .decide(&lanyard_policy::DecisionRequest {
+                                workload_id: w.id.as_str(),
+                                issuer: &w.issuer,
+                                claims: &w.claims,
+                                destination: &dest.spec.name,
+                                destination_kind: &dest.spec.kind,
+                                destination_labels: &dest.spec.labels,
+                                action: lanyard_policy::Action::Exchange,
+                                scopes: &scopes,
+                                ttl_secs: ttl.as_secs(),
+                                task_id: task.as_deref(),
+                                now: self.rt.clock.now_unix(),
+                            });
+                        out.allowed = d.allowed;
+                        out.policy_version = d.policy_version;
+                        out.determining_policies = d.determining_policies;
+                        if d.allowed {
+                            out.message = "policy allows this exchange".into();
+                        } else {
+                            out.reason = ReasonCode::PolicyDenied.as_str().into();
+                            out.message = if d.errors.is_empty() {
+                                "no policy permits this request (default deny), or a forbid matched"
+                                    .into()
+                            } else {
+                                format!("policy evaluation errors: {}", d.errors.join("; "))
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        let event = NewAuditEvent {
+            time_ms: self.rt.clock.now_unix_millis(),
+            kind: "admin.explain".into(),
+            request_id: Some(ctx.request_id.clone()),
+            actor: ctx.operator.clone(),
+            workload_id: (!out.workload_id.is_empty()).then(|| out.workload_id.clone()),
+            destination: Some(truncate(&r.destination)),
+            decision: Some(if out.allowed { "allow" } else { "deny" }.into()),
+            reason: (!out.reason.is_empty()).then(|| out.reason.clone()),
+            ..NewAuditEvent::default()
+        };
+        if let Err(e) = self.rt.committer.commit(None, event).await {
+            return Err(fail(&ctx, e));
+        }
+        Ok(respond(&ctx, out))
+    }
+
+    async fn put_policy(&self, req: Request<pb::PutPolicyRequest>) -> Rpc<pb::PolicyVersion> {
+        Err(unimplemented_policy(&ctx_of(&req)))
+    }
+
+    async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Rpc<pb::PolicyVersion> {
+        let ctx = ctx_of(&req);
+        let a = self.rt.authorizer();
+        Ok(respond(
+            &ctx,
+            pb::PolicyVersion {
+                version: a.version(),
+                text: String::new(),
+                active: true,
+                created_at: None,
+            },
+        ))
+    }
+
+    async fn activate_policy(
+        &self,
+        req: Request<pb::ActivatePolicyRequest>,
+    ) -> Rpc<pb::PolicyVersion> {
+        Err(unimplemented_policy(&ctx_of(&req)))
+    }
+
+    async fn list_signing_keys(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Rpc<pb::ListSigningKeysResponse> {
+        let ctx = ctx_of(&req);
+        let keys = self.rt.keys.list().iter().map(key_to_pb).collect();
+        Ok(respond(&ctx, pb::ListSigningKeysResponse { keys }))
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        req: Request<pb::RotateSigningKeyRequest>,
+    ) -> Rpc<pb::SigningKey> {
+        let ctx = ctx_of(&req);
+        let after = Duration::from_secs(u64::from(req.get_ref().activate_after_seconds));
+        let result = async {
+            let info = self
+                .rt
+                .keys
+                .rotate(after)
+                .map_err(|e| ApiError::internal(&e))?;
+            let event = NewAuditEvent {
+                time_ms: self.rt.clock.now_unix_millis(),
+                kind: "signing_key.rotated".into(),
+                request_id: Some(ctx.request_id.clone()),
+                actor: ctx.operator.clone(),
+                detail: json!({ "kid": info.kid, "activate_after_secs": after.as_secs() }),
+                ..NewAuditEvent::default()
+            };
+            self.rt.committer.commit(None, event).await?;
+            Ok::<_, ApiError>(key_to_pb(&info))
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+}
+
+fn key_to_pb(k: &lanyard_keys::KeyInfo) -> pb::SigningKey {
+    pb::SigningKey {
+        kid: k.kid.clone(),
+        algorithm: k.alg.to_string(),
+        created_at: convert::ts(k.created_at),
+        activate_at: convert::ts(k.activate_at),
+        retired_at: k.retired_at.and_then(convert::ts),
+        state: format!("{:?}", k.state).to_lowercase(),
+    }
+}
+
+fn fill_workload(out: &mut pb::ExplainResponse, w: &Workload) {
+    out.workload_id = w.id.to_string();
+    out.trust_rule = w.rule.clone();
+    out.issuer = w.issuer.clone();
+}
+
+fn unimplemented_policy(ctx: &RequestCtx) -> Status {
+    fail(
+        ctx,
+        ApiError::new(
+            ReasonCode::Unimplemented,
+            "versioned policy storage is not served by this version; policy comes from [policy] file",
+        ),
+    )
+}
+
+// === impl AuditService ===
+
+/// The audit service (admin socket only).
+pub struct AuditSvc {
+    /// The runtime.
+    pub rt: Arc<Runtime>,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::AuditEvent, Status>> + Send>>;
+
+fn audit_to_pb(r: &lanyard_store::AuditRecord) -> pb::AuditEvent {
+    pb::AuditEvent {
+        seq: r.seq,
+        time: Some(prost_types::Timestamp {
+            seconds: r.time_ms.div_euclid(1000),
+            nanos: i32::try_from(r.time_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+        }),
+        kind: r.kind.clone(),
+        payload_json: r.payload.clone(),
+        prev_hash: r.prev_hash.clone(),
+        hash: r.hash.clone(),
+    }
+}
+
+fn matches_filter(r: &lanyard_store::AuditRecord, w: &pb::WatchRequest) -> bool {
+    if !w.kind.is_empty() && r.kind != w.kind {
+        return false;
+    }
+    if w.workload_id.is_empty() && w.destination.is_empty() {
+        return true;
+    }
+    let v: serde_json::Value = serde_json::from_str(&r.payload).unwrap_or_default();
+    (w.workload_id.is_empty() || v["workload_id"] == w.workload_id.as_str())
+        && (w.destination.is_empty() || v["destination"] == w.destination.as_str())
+}
+
+#[tonic::async_trait]
+impl AuditService for AuditSvc {
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Rpc<Self::WatchStream> {
+        let ctx = ctx_of(&req);
+        let w = req.into_inner();
+        let store = self.rt.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut after = w.after_seq.max(0);
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                let batch = match store.audit_list(after, 500).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(ApiError::from(e)))).await;
+                        return;
+                    }
+                };
+                let n = batch.len();
+                for r in batch {
+                    after = r.seq;
+                    if matches_filter(&r, &w) && tx.send(Ok(audit_to_pb(&r))).await.is_err() {
+                        return;
+                    }
+                }
+                if n == 500 {
+                    continue;
+                }
+                if !w.follow {
+                    return;
+                }
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(respond(&ctx, Box::pin(stream) as WatchStream))
+    }
+
+    async fn verify(&self, req: Request<pb::VerifyRequest>) -> Rpc<pb::VerifyResponse> {
+        let ctx = ctx_of(&req);
+        let after = req.get_ref().after_seq.max(0);
+        let result = async {
+            let mut out = pb::VerifyResponse {
+                ok: true,
+                head_seq: after,
+                ..Default::default()
+            };
+            let mut prev_hash = if after == 0 {
+                lanyard_store::GENESIS_HASH.to_string()
+            } else {
+                match self.rt.store.audit_list(after - 1, 1).await?.first() {
+                    Some(r) if r.seq == after => r.hash.clone(),
+                    _ => {
+                        out.ok = false;
+                        out.first_broken_seq = after;
+                        out.problem = "the starting event does not exist".into();
+                        return Ok(out);
+                    }
+                }
+            };
+            let mut expect = after + 1;
+            loop {
+                let batch = self.rt.store.audit_list(expect - 1, 1000).await?;
+                if batch.is_empty() {
+                    break;
+                }
+                for r in &batch {
+                    let problem = if r.seq != expect {
+                        Some(format!("gap: expected seq {expect}, found {}", r.seq))
+                    } else if r.prev_hash != prev_hash {
+                        Some("prev_hash does not match the previous event's hash (deleted or reordered event)".into())
+                    } else if !r.hash_is_valid() {
+                        Some("hash mismatch (event edited)".into())
+                    } else {
+                        None
+                    };
+                    if let Some(p) = problem {
+                        out.ok = false;
+                        out.first_broken_seq = expect.min(r.seq);
+                        out.problem = p;
+                        return Ok(out);
+                    }
+                    out.checked += 1;
+                    out.head_seq = r.seq;
+                    prev_hash = r.hash.clone();
+                    expect += 1;
+                }
+            }
+            Ok::<_, ApiError>(out)
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+}

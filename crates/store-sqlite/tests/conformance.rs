@@ -1,0 +1,147 @@
+//! The store conformance suite on SQLite, and the checks only SQLite needs: migrations
+//! on reopen, file permissions, and clean failures.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use sqlx::{Connection, Row};
+
+use lanyard_store::{ConfigKind, NewAuditEvent, NewConfigObject, Store, StoreError, conformance};
+use lanyard_store_sqlite::SqliteStore;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_on_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("lanyard.db"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    conformance::run_all(&store).await;
+    conformance::run_concurrent(Arc::new(store.clone())).await;
+    // A second run on the same database must pass too.
+    conformance::run_all(&store).await;
+    println!("sqlite file suite: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_in_memory() {
+    let store = SqliteStore::open_memory().await.unwrap();
+    let started = Instant::now();
+    conformance::run_all(&store).await;
+    conformance::run_concurrent(Arc::new(store)).await;
+    println!("sqlite in-memory suite: {:?}", started.elapsed());
+}
+
+fn put(name: &str) -> NewConfigObject {
+    NewConfigObject {
+        kind: ConfigKind::Issuer,
+        name: name.to_owned(),
+        spec: serde_json::json!({ "url": "https://issuer.example" }),
+        updated_by: "test".to_owned(),
+        now: 1_700_000_000,
+    }
+}
+
+fn audit(kind: &str) -> NewAuditEvent {
+    NewAuditEvent {
+        time_ms: 1_700_000_000_000,
+        kind: kind.to_owned(),
+        ..NewAuditEvent::default()
+    }
+}
+
+#[tokio::test]
+async fn reopening_reruns_migrations_harmlessly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lanyard.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    let obj = store
+        .config_put(put("kept"), Some(0), audit("issuer.put"))
+        .await
+        .unwrap();
+    let generation = store.config_generation().await.unwrap();
+    store.close().await;
+    drop(store);
+
+    for _ in 0..2 {
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(
+            store.config_get(ConfigKind::Issuer, "kept").await.unwrap(),
+            Some(obj.clone())
+        );
+        assert_eq!(store.config_generation().await.unwrap(), generation);
+        let chain = store.audit_list(0, 10).await.unwrap();
+        assert_eq!(chain.len(), 1, "reopening must not re-seed the audit head");
+        store.close().await;
+    }
+
+    // Each migration is recorded once, and the seeded singleton rows were not duplicated.
+    let url = format!("sqlite://{}", path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let applied = sqlx::query("SELECT COUNT(*) AS n FROM _sqlx_migrations WHERE success")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(applied.get::<i64, _>("n"), 1);
+    let heads = sqlx::query("SELECT COUNT(*) AS n FROM audit_head")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(heads.get::<i64, _>("n"), 1);
+    let mode = sqlx::query("PRAGMA journal_mode")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mode.get::<String, _>(0), "wal");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn database_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lanyard.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    store
+        .config_put(put("x"), None, audit("issuer.put"))
+        .await
+        .unwrap();
+    let mut checked = 0;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = dir.path().join(format!("lanyard.db{suffix}"));
+        if let Ok(meta) = std::fs::metadata(&file) {
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                0o600,
+                "{}",
+                file.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "the database and its WAL exist");
+}
+
+#[tokio::test]
+async fn open_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing_dir = dir.path().join("no-such-dir").join("lanyard.db");
+    let err = SqliteStore::open(&missing_dir).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+
+    let garbage = dir.path().join("garbage.db");
+    std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
+    let err = SqliteStore::open(&garbage).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn closed_store_is_unavailable() {
+    let store = SqliteStore::open_memory().await.unwrap();
+    store.close().await;
+    let err = store.ping().await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let err = store.audit_append(&[audit("x")]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}

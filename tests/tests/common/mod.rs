@@ -1,0 +1,194 @@
+//! Shared setup for the end-to-end tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use lanyard_proto::v1 as pb;
+use lanyard_testkit::{KeyAlg, Lanyard, LanyardOptions, TestIssuer};
+
+/// Policy used by most tests: workloads under /ci/ may use the `orders` destination
+/// with scopes inside {read, write}; `write` is forbidden for the `untrusted` workload.
+pub const POLICY: &str = r#"
+@id("ci-orders")
+permit (principal, action, resource == Lanyard::Destination::"orders")
+when { principal.id like "spiffe://lanyard.local/ci/*" && ["read", "write"].containsAll(context.scopes) };
+
+@id("no-write-for-untrusted")
+forbid (principal == Lanyard::Workload::"spiffe://lanyard.local/ci/untrusted", action, resource)
+when { context.scopes.contains("write") };
+"#;
+
+pub const AUDIENCE: &str = "lanyard";
+pub const ORDERS_AUD: &str = "https://orders.internal";
+
+pub fn now() -> i64 {
+    std::time::UNIX_EPOCH.elapsed().unwrap().as_secs() as i64
+}
+
+/// How the issuer's keys are registered.
+#[derive(Clone, Copy)]
+pub enum Keys {
+    Discovery,
+    JwksUrl,
+    Inline,
+}
+
+pub fn issuer_msg(issuer: &TestIssuer, name: &str, keys: Keys, alg: KeyAlg) -> pb::Issuer {
+    pb::Issuer {
+        name: name.into(),
+        issuer_url: issuer.url().into(),
+        keys: Some(match keys {
+            Keys::Discovery => pb::issuer::Keys::DiscoveryUrl(issuer.discovery_url()),
+            Keys::JwksUrl => pb::issuer::Keys::JwksUrl(issuer.jwks_url()),
+            Keys::Inline => pb::issuer::Keys::InlineJwks(issuer.jwks_document().to_string()),
+        }),
+        allowed_algorithms: vec![alg.jose().into()],
+        audiences: vec![AUDIENCE.into()],
+        leeway_seconds: 5,
+        max_token_age_seconds: 600,
+        ..Default::default()
+    }
+}
+
+/// Register an issuer, a trust rule mapping `sub` to `spiffe://lanyard.local/ci/{sub}`
+/// with task claim `run_id`, and the `orders` jwt destination.
+pub async fn configure(l: &Lanyard, issuer: &TestIssuer, keys: Keys, alg: KeyAlg, replay: bool) {
+    let mut admin = l.admin().await;
+    let mut msg = issuer_msg(issuer, "ci", keys, alg);
+    msg.replay_protection = replay;
+    admin
+        .put_issuer(pb::PutIssuerRequest {
+            issuer: Some(msg),
+            expected_revision: None,
+        })
+        .await
+        .unwrap();
+    admin
+        .put_trust_rule(pb::PutTrustRuleRequest {
+            rule: Some(pb::TrustRule {
+                name: "ci".into(),
+                issuer: "ci".into(),
+                priority: 10,
+                conditions: vec![pb::ClaimCondition {
+                    claim: "repository_owner".into(),
+                    matcher: Some(pb::claim_condition::Matcher::Exact("acme".into())),
+                }],
+                workload_template: "spiffe://{trust_domain}/ci/{sub}".into(),
+                task_claim: "run_id".into(),
+                revision: 0,
+            }),
+            expected_revision: None,
+        })
+        .await
+        .unwrap();
+    admin
+        .put_destination(pb::PutDestinationRequest {
+            destination: Some(orders_destination()),
+            expected_revision: None,
+        })
+        .await
+        .unwrap();
+}
+
+pub fn orders_destination() -> pb::Destination {
+    let mut settings = prost_types_struct();
+    settings.fields.insert(
+        "audience".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(ORDERS_AUD.into())),
+        },
+    );
+    pb::Destination {
+        name: "orders".into(),
+        kind: "jwt".into(),
+        default_ttl_seconds: 300,
+        max_ttl_seconds: 600,
+        scopes: vec!["read".into(), "write".into(), "admin".into()],
+        settings: Some(settings),
+        ..Default::default()
+    }
+}
+
+fn prost_types_struct() -> prost_types::Struct {
+    prost_types::Struct::default()
+}
+
+/// Claims for workload `sub` in task `run`.
+pub fn claims(issuer: &TestIssuer, sub: &str, run: &str) -> serde_json::Value {
+    let mut c = issuer.claims(sub, AUDIENCE, now());
+    c["repository_owner"] = "acme".into();
+    c["run_id"] = run.into();
+    c
+}
+
+pub async fn start(alg: KeyAlg, keys: Keys) -> (Lanyard, TestIssuer) {
+    let issuer = TestIssuer::start(alg).await;
+    let l = Lanyard::start(LanyardOptions {
+        policy: Some(POLICY.into()),
+        ..Default::default()
+    })
+    .await;
+    configure(&l, &issuer, keys, alg, false).await;
+    (l, issuer)
+}
+
+pub fn exchange_req(token: String, scopes: &[&str]) -> pb::ExchangeRequest {
+    pb::ExchangeRequest {
+        subject_token: token,
+        destination: "orders".into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Decode a lanyard-issued JWT with the JWKS lanyard serves over HTTP.
+pub async fn verify_with_lanyard_jwks(l: &Lanyard, token: &str, aud: &str) -> serde_json::Value {
+    let disc: serde_json::Value =
+        reqwest::get(format!("{}/.well-known/openid-configuration", l.http))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let jwks: jsonwebtoken::jwk::JwkSet = reqwest::get(disc["jwks_uri"].as_str().unwrap())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    let jwk = jwks
+        .find(header.kid.as_deref().unwrap())
+        .expect("kid in JWKS");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut v = jsonwebtoken::Validation::new(header.alg);
+    v.set_audience(&[aud]);
+    v.set_issuer(&[disc["issuer"].as_str().unwrap()]);
+    jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
+        .unwrap()
+        .claims
+}
+
+pub fn bearer(resp: &pb::ExchangeResponse) -> String {
+    match resp.credential.as_ref().unwrap().kind.as_ref().unwrap() {
+        pb::credential::Kind::Bearer(b) => b.token.clone(),
+        other => panic!("expected a bearer token, got {other:?}"),
+    }
+}
+
+/// All audit events so far.
+pub async fn audit_events(l: &Lanyard) -> Vec<pb::AuditEvent> {
+    let mut audit = l.audit().await;
+    let mut stream = audit
+        .watch(pb::WatchRequest {
+            after_seq: 0,
+            follow: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(ev) = stream.message().await.unwrap() {
+        out.push(ev);
+    }
+    out
+}
