@@ -337,6 +337,16 @@ async fn admin_is_only_on_the_owner_only_socket() {
         .await
         .unwrap_err();
     assert_eq!(reason(&err), "CONFIG_INVALID", "{}", err.message());
+    // One issuer per issuer_url.
+    let dup = issuer_msg(&_issuer, "ci-again", Keys::JwksUrl, KeyAlg::Es256);
+    let err = admin
+        .put_issuer(pb::PutIssuerRequest {
+            issuer: Some(dup),
+            expected_revision: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "CONFIG_INVALID", "{}", err.message());
     // Optimistic concurrency.
     let err = admin
         .put_destination(pb::PutDestinationRequest {
@@ -405,4 +415,161 @@ async fn dev_mode_commands_work_as_printed_and_sigterm_stops_cleanly() {
     let socket = l.admin_socket.clone();
     assert_eq!(l.stop().await, Some(0));
     assert!(!socket.exists(), "the admin socket is removed on shutdown");
+}
+
+#[tokio::test]
+async fn signing_key_rotation_publishes_first_then_signs() {
+    let (l, issuer) = start(KeyAlg::Es256, Keys::JwksUrl).await;
+    let mut admin = l.admin().await;
+    let before = admin
+        .list_signing_keys(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].state, "active");
+    let mut c = l.exchange().await;
+    // Rotate with a delay: the new key is published but does not sign yet.
+    let pending = admin
+        .rotate_signing_key(pb::RotateSigningKeyRequest {
+            activate_after_seconds: 3600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pending.state, "pending");
+    let jwks: serde_json::Value = reqwest::get(format!("{}/.well-known/jwks.json", l.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert!(
+        kids.contains(&pending.kid.as_str()) && kids.contains(&before[0].kid.as_str()),
+        "{kids:?}"
+    );
+    let resp = c
+        .exchange(exchange_req(
+            issuer.mint(&claims(&issuer, "builder", "r")),
+            &["read"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let kid = jsonwebtoken::decode_header(&bearer(&resp))
+        .unwrap()
+        .kid
+        .unwrap();
+    assert_eq!(kid, before[0].kid, "still signed by the old key");
+    // Rotate now: the newest key signs at once; the old one stays published.
+    let now_key = admin
+        .rotate_signing_key(pb::RotateSigningKeyRequest {
+            activate_after_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = c
+        .exchange(exchange_req(
+            issuer.mint(&claims(&issuer, "builder", "r")),
+            &["read"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let kid = jsonwebtoken::decode_header(&bearer(&resp))
+        .unwrap()
+        .kid
+        .unwrap();
+    assert_eq!(kid, now_key.kid);
+    verify_with_lanyard_jwks(&l, &bearer(&resp), ORDERS_AUD).await;
+    let keys = admin
+        .list_signing_keys(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert!(
+        keys.iter()
+            .any(|k| k.kid == before[0].kid && k.state == "retiring"),
+        "{keys:?}"
+    );
+    let kinds: Vec<String> = audit_events(&l).await.into_iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "signing_key.rotated").count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn keys_and_grants_survive_a_restart() {
+    let (mut l, issuer) = start(KeyAlg::Es256, Keys::JwksUrl).await;
+    let resp = l
+        .exchange()
+        .await
+        .exchange(exchange_req(
+            issuer.mint(&claims(&issuer, "builder", "r")),
+            &["read"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let kid = jsonwebtoken::decode_header(&bearer(&resp))
+        .unwrap()
+        .kid
+        .unwrap();
+    let work = l.keep_dir();
+    let data = l.data_dir().to_path_buf();
+    assert_eq!(l.stop().await, Some(0));
+    let l = Lanyard::start(LanyardOptions {
+        policy: Some(POLICY.into()),
+        data_dir: Some(data),
+        ..Default::default()
+    })
+    .await;
+    // Same signing key, same grant, configuration reloaded from the store.
+    let g = l
+        .admin()
+        .await
+        .get_grant(pb::GetRequest {
+            name: resp.grant_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.status, "active");
+    let resp2 = l
+        .exchange()
+        .await
+        .exchange(exchange_req(
+            issuer.mint(&claims(&issuer, "builder", "r")),
+            &["read"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        jsonwebtoken::decode_header(&bearer(&resp2))
+            .unwrap()
+            .kid
+            .unwrap(),
+        kid
+    );
+    let v = l
+        .audit()
+        .await
+        .verify(pb::VerifyRequest { after_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok, "{v:?}");
+    drop(l);
+    let _ = std::fs::remove_dir_all(work);
 }

@@ -375,6 +375,9 @@ impl FileConfig {
     }
 }
 
+/// `LANYARD_*` variables read by the CLI client or the test harness, not by `serve`.
+pub const CLIENT_ENV: &[&str] = &["ADMIN_SOCKET", "GRPC", "OUTPUT", "BIN", "BLESS"];
+
 /// Turn `LANYARD_*` variables into a TOML document (`LANYARD_LISTEN__GRPC=x` becomes
 /// `[listen] grpc = "x"`). Values that parse as TOML scalars keep their type.
 fn env_to_toml(env: &[(String, String)]) -> Result<String, ConfigError> {
@@ -383,8 +386,8 @@ fn env_to_toml(env: &[(String, String)]) -> Result<String, ConfigError> {
         let Some(rest) = k.strip_prefix("LANYARD_") else {
             continue;
         };
-        // Client-side variables are not server configuration.
-        if matches!(rest, "ADMIN_SOCKET_CLIENT" | "GRPC" | "OUTPUT") {
+        // Client-side and test-harness variables are not server configuration.
+        if CLIENT_ENV.contains(&rest) || rest.starts_with("TEST_") || rest.starts_with("REQUIRE_") {
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -497,6 +500,14 @@ mod tests {
             ),
             ("LANYARD_STORE__MAX_BATCH".to_string(), "7".to_string()),
             ("OTHER".to_string(), "x".to_string()),
+            (
+                "LANYARD_TEST_PG_URL".to_string(),
+                "postgres://x".to_string(),
+            ),
+            (
+                "LANYARD_ADMIN_SOCKET".to_string(),
+                "/tmp/client.sock".to_string(),
+            ),
         ];
         let flags = FlagOverrides {
             http_listen: Some("127.0.0.1:4".into()),
@@ -507,6 +518,13 @@ mod tests {
         assert_eq!(c.listen.grpc, "127.0.0.1:3");
         assert_eq!(c.listen.http, "127.0.0.1:4");
         assert_eq!(c.store.max_batch, 7);
+        assert_eq!(
+            c.listen.admin_socket, "",
+            "the client's variable is not server config"
+        );
+        let e =
+            FileConfig::load(None, &[("LANYARD_DATA_DRI".into(), "x".into())], &flags).unwrap_err();
+        assert!(e.to_string().contains("data_dri"), "{e}");
     }
 
     #[test]

@@ -290,6 +290,17 @@ impl AdminService for AdminSvc {
                     "lanyard's own issuer cannot be a trusted issuer: its tokens are never subject tokens",
                 ));
             }
+            // The new set must stay consistent: one issuer per issuer_url.
+            let mut all: Vec<lanyard_trust::IssuerConfig> = self
+                .rt
+                .snapshot()
+                .issuers
+                .iter()
+                .filter(|i| i.name != cfg.name)
+                .cloned()
+                .collect();
+            all.push(cfg.clone());
+            lanyard_trust::validate_issuers(&all)?;
             let spec = serde_json::to_value(&cfg).map_err(|e| ApiError::internal(&e))?;
             self.put_object(&ctx, ConfigKind::Issuer, &cfg.name, spec, r.expected_revision)
                 .await?;

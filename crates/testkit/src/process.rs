@@ -110,6 +110,12 @@ impl Lanyard {
         if opts.dev {
             cmd.arg("--dev");
         }
+        // The child sees only the LANYARD_* variables the test chose.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("LANYARD_") {
+                cmd.env_remove(k);
+            }
+        }
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
