@@ -463,7 +463,7 @@ async fn signing_key_rotation_publishes_first_then_signs() {
         .await
         .unwrap()
         .into_inner();
-    let kid = jsonwebtoken::decode_header(&bearer(&resp))
+    let kid = jsonwebtoken::decode_header(bearer(&resp))
         .unwrap()
         .kid
         .unwrap();
@@ -484,7 +484,7 @@ async fn signing_key_rotation_publishes_first_then_signs() {
         .await
         .unwrap()
         .into_inner();
-    let kid = jsonwebtoken::decode_header(&bearer(&resp))
+    let kid = jsonwebtoken::decode_header(bearer(&resp))
         .unwrap()
         .kid
         .unwrap();
@@ -521,7 +521,7 @@ async fn keys_and_grants_survive_a_restart() {
         .await
         .unwrap()
         .into_inner();
-    let kid = jsonwebtoken::decode_header(&bearer(&resp))
+    let kid = jsonwebtoken::decode_header(bearer(&resp))
         .unwrap()
         .kid
         .unwrap();
@@ -556,7 +556,7 @@ async fn keys_and_grants_survive_a_restart() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        jsonwebtoken::decode_header(&bearer(&resp2))
+        jsonwebtoken::decode_header(bearer(&resp2))
             .unwrap()
             .kid
             .unwrap(),

@@ -2,6 +2,8 @@
 //! so the generated code can never drift from the proto. Run with `LANYARD_BLESS=1` to
 //! rewrite `src/gen` after changing a `.proto` file.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::{Path, PathBuf};
 
 use prost::Message;

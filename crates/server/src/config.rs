@@ -84,7 +84,7 @@ pub struct StoreConfig {
 }
 
 /// `[policy]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// A Cedar policy file. Empty: no policy, so every exchange is denied (default deny).
@@ -171,13 +171,6 @@ impl Default for StoreConfig {
             url: String::new(),
             max_connections: 16,
             max_batch: 128,
-        }
-    }
-}
-impl Default for PolicyConfig {
-    fn default() -> Self {
-        Self {
-            file: String::new(),
         }
     }
 }

@@ -77,10 +77,11 @@ async fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
-            ensure_private_dir(parent)?;
-        }
+    if let Some(parent) = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty() && !p.exists())
+    {
+        ensure_private_dir(parent)?;
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding admin socket {}", path.display()))?;

@@ -350,13 +350,13 @@ impl AdminService for AdminSvc {
         let name = req.into_inner().name;
         let result = async {
             // A failed fetch is reported in key_status.last_error, not as an RPC error.
-            if let Err(e) = self.rt.verifier.refresh(&name).await {
-                if e.reason() == ReasonCode::IssuerUnknown {
-                    return Err(ApiError::new(
-                        ReasonCode::NotFound,
-                        format!("no issuer named {:?}", truncate(&name)),
-                    ));
-                }
+            if let Err(e) = self.rt.verifier.refresh(&name).await
+                && e.reason() == ReasonCode::IssuerUnknown
+            {
+                return Err(ApiError::new(
+                    ReasonCode::NotFound,
+                    format!("no issuer named {:?}", truncate(&name)),
+                ));
             }
             self.issuer_out(&name).await
         }
