@@ -573,3 +573,55 @@ async fn keys_and_grants_survive_a_restart() {
     drop(l);
     let _ = std::fs::remove_dir_all(work);
 }
+
+#[tokio::test]
+async fn explain_shows_the_workload_and_the_decision_without_issuing() {
+    let (l, issuer) = start(KeyAlg::Es256, Keys::JwksUrl).await;
+    let mut admin = l.admin().await;
+    let explain = |scopes: &[&str], sub: &str| pb::ExplainRequest {
+        subject_token: issuer.mint(&claims(&issuer, sub, "r")),
+        destination: "orders".into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        requested_ttl_seconds: 0,
+    };
+    let ok = admin
+        .explain(explain(&["read"], "builder"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.allowed, "{ok:?}");
+    assert_eq!(ok.workload_id, "spiffe://lanyard.local/ci/builder");
+    assert_eq!(ok.trust_rule, "ci");
+    assert_eq!(ok.determining_policies, vec!["ci-orders"]);
+    let denied = admin
+        .explain(explain(&["write"], "untrusted"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!denied.allowed);
+    assert_eq!(denied.reason, "POLICY_DENIED");
+    assert_eq!(denied.determining_policies, vec!["no-write-for-untrusted"]);
+    let bad_scope = admin
+        .explain(explain(&["delete"], "builder"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!bad_scope.allowed);
+    assert_eq!(bad_scope.reason, "SCOPE_NOT_ALLOWED");
+    // Nothing was issued.
+    let grants = admin
+        .list_grants(pb::ListGrantsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert!(grants.is_empty());
+    // Verify past the head is a usage error, not "tampering".
+    let err = l
+        .audit()
+        .await
+        .verify(pb::VerifyRequest { after_seq: 10_000 })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "INVALID_ARGUMENT");
+}

@@ -28,7 +28,7 @@ pub const DEV_DESTINATION: &str = "dev-api";
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
     /// Reading or writing the key failed.
-    #[error("dev issuer key at {path}: {source}")]
+    #[error("dev issuer key at {path}")]
     Io {
         /// File.
         path: PathBuf,

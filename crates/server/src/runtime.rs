@@ -334,10 +334,11 @@ impl Runtime {
                 )
                 .await);
         };
-        let (scopes, ttl) = match check_request(&dest.spec, &input) {
-            Ok(v) => v,
-            Err(e) => return Err(self.deny(ev, e).await),
-        };
+        let (scopes, ttl) =
+            match check_request(&dest.spec, &input.scopes, input.ttl_secs, &input.audience) {
+                Ok(v) => v,
+                Err(e) => return Err(self.deny(ev, e).await),
+            };
         let now = self.clock.now_unix();
         let decision = self.decide(Action::Exchange, &workload, dest, &scopes, ttl, now);
         ev.detail["policy_version"] = json!(decision.policy_version);
@@ -646,12 +647,14 @@ impl Runtime {
 }
 
 /// Check scopes, TTL and audience against the destination.
-fn check_request(
+pub(crate) fn check_request(
     spec: &DestinationSpec,
-    input: &ExchangeInput,
+    requested_scopes: &[String],
+    ttl_secs: u32,
+    audience: &str,
 ) -> Result<(Vec<Scope>, Ttl), ApiError> {
-    let mut scopes = Vec::with_capacity(input.scopes.len());
-    for s in &input.scopes {
+    let mut scopes = Vec::with_capacity(requested_scopes.len());
+    for s in requested_scopes {
         let scope = Scope::parse(s)
             .map_err(|e| ApiError::new(ReasonCode::ScopeNotAllowed, e.to_string()))?;
         if !scopes.contains(&scope) {
@@ -671,17 +674,17 @@ fn check_request(
             ),
         ));
     }
-    let requested = if input.ttl_secs == 0 {
+    let requested = if ttl_secs == 0 {
         None
     } else {
         Some(
-            Ttl::from_secs(u64::from(input.ttl_secs))
+            Ttl::from_secs(u64::from(ttl_secs))
                 .map_err(|e| ApiError::new(ReasonCode::TtlInvalid, e.to_string()))?,
         )
     };
-    if !input.audience.is_empty() {
+    if !audience.is_empty() {
         let dest_aud = spec.settings.get("audience").and_then(|a| a.as_str());
-        if input.audience != spec.name && Some(input.audience.as_str()) != dest_aud {
+        if audience != spec.name && Some(audience) != dest_aud {
             return Err(ApiError::invalid(
                 "audience does not match the destination (leave it empty, or give the destination's audience)",
             ));

@@ -582,43 +582,52 @@ impl AdminService for AdminSvc {
                         out.message =
                             format!("no destination named {:?}", truncate(&r.destination));
                     }
-                    Some(dest) => {
-                        let scopes: Vec<String> = r.scopes.clone();
-                        let ttl = dest.spec.effective_ttl(
-                            lanyard_core::Ttl::from_secs(u64::from(r.requested_ttl_seconds)).ok(),
-                        );
-                        let task = w.task.as_ref().map(|t| t.as_str().to_string());
-                        let d = self
-                            .rt
-                            .authorizer()
-                            .decide(&lanyard_policy::DecisionRequest {
-                                workload_id: w.id.as_str(),
-                                issuer: &w.issuer,
-                                claims: &w.claims,
-                                destination: &dest.spec.name,
-                                destination_kind: &dest.spec.kind,
-                                destination_labels: &dest.spec.labels,
-                                action: lanyard_policy::Action::Exchange,
-                                scopes: &scopes,
-                                ttl_secs: ttl.as_secs(),
-                                task_id: task.as_deref(),
-                                now: self.rt.clock.now_unix(),
-                            });
-                        out.allowed = d.allowed;
-                        out.policy_version = d.policy_version;
-                        out.determining_policies = d.determining_policies;
-                        if d.allowed {
-                            out.message = "policy allows this exchange".into();
-                        } else {
-                            out.reason = ReasonCode::PolicyDenied.as_str().into();
-                            out.message = if d.errors.is_empty() {
-                                "no policy permits this request (default deny), or a forbid matched"
-                                    .into()
-                            } else {
-                                format!("policy evaluation errors: {}", d.errors.join("; "))
-                            };
+                    Some(dest) => match crate::runtime::check_request(
+                        &dest.spec,
+                        &r.scopes,
+                        r.requested_ttl_seconds,
+                        "",
+                    ) {
+                        Err(e) => {
+                            out.reason = e.reason.as_str().into();
+                            out.message = e.message;
                         }
-                    }
+                        Ok((checked, ttl)) => {
+                            let scopes: Vec<String> =
+                                checked.iter().map(|s| s.to_string()).collect();
+                            let task = w.task.as_ref().map(|t| t.as_str().to_string());
+                            let d = self
+                                .rt
+                                .authorizer()
+                                .decide(&lanyard_policy::DecisionRequest {
+                                    workload_id: w.id.as_str(),
+                                    issuer: &w.issuer,
+                                    claims: &w.claims,
+                                    destination: &dest.spec.name,
+                                    destination_kind: &dest.spec.kind,
+                                    destination_labels: &dest.spec.labels,
+                                    action: lanyard_policy::Action::Exchange,
+                                    scopes: &scopes,
+                                    ttl_secs: ttl.as_secs(),
+                                    task_id: task.as_deref(),
+                                    now: self.rt.clock.now_unix(),
+                                });
+                            out.allowed = d.allowed;
+                            out.policy_version = d.policy_version;
+                            out.determining_policies = d.determining_policies;
+                            if d.allowed {
+                                out.message = "policy allows this exchange".into();
+                            } else {
+                                out.reason = ReasonCode::PolicyDenied.as_str().into();
+                                out.message = if d.errors.is_empty() {
+                                    "no policy permits this request (default deny), or a forbid matched"
+                                    .into()
+                                } else {
+                                    format!("policy evaluation errors: {}", d.errors.join("; "))
+                                };
+                            }
+                        }
+                    },
                 }
             }
         }
@@ -821,11 +830,16 @@ impl AuditService for AuditSvc {
             } else {
                 match self.rt.store.audit_list(after - 1, 1).await?.first() {
                     Some(r) if r.seq == after => r.hash.clone(),
-                    _ => {
+                    Some(_) => {
                         out.ok = false;
                         out.first_broken_seq = after;
-                        out.problem = "the starting event does not exist".into();
+                        out.problem = "the starting event is missing (deleted event)".into();
                         return Ok(out);
+                    }
+                    None => {
+                        return Err(ApiError::invalid(format!(
+                            "after_seq {after} is beyond the head of the audit chain"
+                        )));
                     }
                 }
             };

@@ -1,6 +1,8 @@
 //! Logging: structured `tracing` output, text or JSON. Nothing logged here or anywhere
 //! else carries a token, key or credential; request IDs tie lines together.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogConfig;
@@ -12,6 +14,7 @@ pub fn init(log: &LogConfig) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if log.format == "json" {
         builder.json().flatten_event(true).try_init()
