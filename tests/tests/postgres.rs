@@ -10,8 +10,8 @@ use common::*;
 use lanyard_proto::v1 as pb;
 use lanyard_testkit::{KeyAlg, Lanyard, LanyardOptions, TestIssuer, eventually};
 
-/// A fresh database on the test server, so runs never share state.
-async fn fresh_database() -> Option<String> {
+/// The test server's URL, or `None` (test skipped) when there is none.
+fn pg_url() -> Option<String> {
     let Ok(url) = std::env::var("LANYARD_TEST_PG_URL") else {
         assert!(
             std::env::var("LANYARD_REQUIRE_PG").is_err(),
@@ -20,7 +20,15 @@ async fn fresh_database() -> Option<String> {
         eprintln!("skipped: LANYARD_TEST_PG_URL not set");
         return None;
     };
-    let name = format!("lanyard_e2e_{}", std::process::id());
+    Some(url)
+}
+
+/// A fresh database on the test server, so runs never share state.
+async fn fresh_database() -> Option<String> {
+    let url = pg_url()?;
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let name = format!("lanyard_e2e_{}_{n}", std::process::id());
     for sql in [
         format!("DROP DATABASE IF EXISTS {name}"),
         format!("CREATE DATABASE {name}"),
@@ -110,4 +118,168 @@ async fn two_replicas_share_one_postgres_database() {
         .into_inner();
     assert!(v.ok, "{v:?}");
     assert!(v.checked >= 6, "{v:?}");
+}
+
+/// A PostgreSQL server of this test's own, so it can be stopped and started.
+struct OwnPostgres {
+    root: String,
+    bin: String,
+    port: String,
+    url: String,
+}
+
+impl OwnPostgres {
+    async fn start() -> OwnPostgres {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/pg-start.sh");
+        let out = tokio::process::Command::new("bash")
+            .arg(script)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")).map(str::to_string))
+                .unwrap()
+        };
+        let url = get("LANYARD_TEST_PG_URL");
+        let port = url
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        OwnPostgres {
+            root: get("PGROOT"),
+            bin: get("PGBIN"),
+            port,
+            url,
+        }
+    }
+
+    async fn pg_ctl(&self, args: &[&str]) {
+        let ctl = format!("{}/pg_ctl", self.bin);
+        let out = tokio::process::Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &ctl,
+                "-D",
+                &format!("{}/data", self.root),
+            ])
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    async fn stop(&self) {
+        self.pg_ctl(&["-m", "immediate", "-w", "stop"]).await;
+    }
+
+    async fn restart(&self) {
+        let opts = format!(
+            "-h 127.0.0.1 -p {} -k {} -c fsync=off",
+            self.port, self.root
+        );
+        let log = format!("{}/server.log", self.root);
+        self.pg_ctl(&["-l", &log, "-w", "-t", "30", "-o", &opts, "start"])
+            .await;
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/pg-stop.sh");
+        let _ = std::process::Command::new("bash")
+            .arg(script)
+            .arg(&self.root)
+            .arg(&self.bin)
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_is_refused_cleanly_and_recovers() {
+    if pg_url().is_none() {
+        return;
+    }
+    let pg = OwnPostgres::start().await;
+    let issuer = TestIssuer::start(KeyAlg::Es256).await;
+    let l = Lanyard::start(LanyardOptions {
+        policy: Some(POLICY.into()),
+        postgres_url: Some(pg.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    configure(&l, &issuer, Keys::JwksUrl, KeyAlg::Es256, false).await;
+    let mut c = l.exchange().await;
+    c.exchange(exchange_req(
+        issuer.mint(&claims(&issuer, "builder", "r")),
+        &["read"],
+    ))
+    .await
+    .unwrap();
+
+    pg.stop().await;
+    let err = c
+        .exchange(exchange_req(
+            issuer.mint(&claims(&issuer, "builder", "r")),
+            &["read"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        lanyard_testkit::reason(&err),
+        "STORE_UNAVAILABLE",
+        "{}",
+        err.message()
+    );
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    let err = l
+        .admin()
+        .await
+        .list_grants(pb::ListGrantsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(lanyard_testkit::reason(&err), "STORE_UNAVAILABLE");
+
+    pg.restart().await;
+    eventually("exchanges work again once the database is back", || {
+        let mut c = c.clone();
+        let token = issuer.mint(&claims(&issuer, "builder", "r"));
+        async move { c.exchange(exchange_req(token, &["read"])).await.ok() }
+    })
+    .await;
+    // Nothing half-written: the chain is intact and holds both grants.
+    let v = l
+        .audit()
+        .await
+        .verify(pb::VerifyRequest { after_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok, "{v:?}");
+    let grants = l
+        .admin()
+        .await
+        .list_grants(pb::ListGrantsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert_eq!(grants.len(), 2);
 }

@@ -113,8 +113,11 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
-    async fn grant_list(&self, filter: &GrantFilter, page: &PageRequest)
-    -> Result<Page<GrantRecord>>;
+    async fn grant_list(
+        &self,
+        filter: &GrantFilter,
+        page: &PageRequest,
+    ) -> Result<Page<GrantRecord>>;
 
     /// Extend an active grant: new expiry and revocation handle, renew count + 1.
     ///
