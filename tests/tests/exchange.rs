@@ -313,6 +313,15 @@ async fn every_rejection_has_its_reason_and_is_audited() {
             "{want} not audited"
         );
     }
+    // No token or credential ever reaches the log (lanyard runs at debug level here).
+    let log = l.log();
+    assert!(log.contains("exchange"), "the log is being written");
+    for (name, token, _, _) in &cases {
+        if let Some(sig) = token.rsplit('.').next().filter(|s| s.len() > 20) {
+            assert!(!log.contains(sig), "{name}: token text in the log");
+        }
+    }
+    assert!(!log.contains(bearer(&ok).rsplit('.').next().unwrap()), "credential in the log");
     // The chain verifies.
     let v = l
         .audit()

@@ -460,20 +460,18 @@ impl Runtime {
         Ok(grant)
     }
 
-    /// Renew an active grant with fresh proof.
-    ///
-    /// # Errors
-    /// `GRANT_NOT_FOUND`, `GRANT_MISMATCH`, `GRANT_NOT_ACTIVE`, `POLICY_DENIED`, and any
-    /// token reason.
-    pub async fn renew(
+    /// Verify `token` and check that its workload and task own `grant_id`. Returns the
+    /// workload, the grant, and the audit event (kind `denied_kind`, fields filled in)
+    /// for the caller to finish. A failure is audited as `denied_kind` first.
+    async fn prove_grant(
         &self,
+        denied_kind: &str,
         grant_id: &str,
         token: &Secret,
         token_type: &str,
-        ttl_secs: u32,
         ctx: &RequestCtx,
-    ) -> Result<ExchangeOutput, ApiError> {
-        let mut ev = self.event("grant.renew_denied", ctx);
+    ) -> Result<(Workload, GrantRecord, NewAuditEvent), ApiError> {
+        let mut ev = self.event(denied_kind, ctx);
         ev.grant_id = Some(truncate(grant_id));
         let workload = match self.identify(token, token_type).await {
             Ok(w) => w,
@@ -490,6 +488,25 @@ impl Runtime {
         };
         ev.destination = Some(grant.destination.clone());
         ev.task_id = grant.task_id.clone();
+        Ok((workload, grant, ev))
+    }
+
+    /// Renew an active grant with fresh proof.
+    ///
+    /// # Errors
+    /// `GRANT_NOT_FOUND`, `GRANT_MISMATCH`, `GRANT_NOT_ACTIVE`, `POLICY_DENIED`, and any
+    /// token reason.
+    pub async fn renew(
+        &self,
+        grant_id: &str,
+        token: &Secret,
+        token_type: &str,
+        ttl_secs: u32,
+        ctx: &RequestCtx,
+    ) -> Result<ExchangeOutput, ApiError> {
+        let (workload, grant, mut ev) = self
+            .prove_grant("grant.renew_denied", grant_id, token, token_type, ctx)
+            .await?;
         let now = self.clock.now_unix();
         if grant.status != GrantStatus::Active || grant.expires_at <= now {
             let e = ApiError::new(
@@ -586,24 +603,10 @@ impl Runtime {
         token_type: &str,
         ctx: &RequestCtx,
     ) -> Result<ReleaseOutput, ApiError> {
-        let mut ev = self.event("grant.release_denied", ctx);
-        ev.grant_id = Some(truncate(grant_id));
-        let workload = match self.identify(token, token_type).await {
-            Ok(w) => w,
-            Err((e, issuer)) => {
-                ev.issuer = issuer;
-                return Err(self.deny(ev, e).await);
-            }
-        };
-        ev.workload_id = Some(workload.id.to_string());
-        ev.issuer = Some(workload.issuer.clone());
-        let grant = match self.owned_grant(grant_id, &workload).await {
-            Ok(g) => g,
-            Err(e) => return Err(self.deny(ev, e).await),
-        };
+        let (_workload, grant, mut ev) = self
+            .prove_grant("grant.release_denied", grant_id, token, token_type, ctx)
+            .await?;
         let now = self.clock.now_unix();
-        ev.destination = Some(grant.destination.clone());
-        ev.task_id = grant.task_id.clone();
         if grant.status != GrantStatus::Active {
             let e = ApiError::new(
                 ReasonCode::GrantNotActive,

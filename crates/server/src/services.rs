@@ -16,6 +16,7 @@ use lanyard_store::{
 use lanyard_trust::Workload;
 use serde_json::json;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::convert;
 use crate::error::ApiError;
@@ -101,7 +102,8 @@ impl ExchangeService for ExchangeSvc {
             ttl_secs: r.requested_ttl_seconds,
             audience: r.audience,
         };
-        match self.rt.exchange(input, &ctx).await {
+        let span = tracing::info_span!("exchange", request_id = %ctx.request_id);
+        match self.rt.exchange(input, &ctx).instrument(span).await {
             Ok(out) => Ok(respond(&ctx, exchange_response(out))),
             Err(e) => Err(fail(&ctx, e)),
         }
@@ -111,6 +113,7 @@ impl ExchangeService for ExchangeSvc {
         let ctx = ctx_of(&req);
         let r = req.into_inner();
         let token = Secret::new(r.subject_token);
+        let span = tracing::info_span!("renew", request_id = %ctx.request_id);
         match self
             .rt
             .renew(
@@ -120,6 +123,7 @@ impl ExchangeService for ExchangeSvc {
                 r.requested_ttl_seconds,
                 &ctx,
             )
+            .instrument(span)
             .await
         {
             Ok(out) => Ok(respond(&ctx, exchange_response(out))),
@@ -131,9 +135,11 @@ impl ExchangeService for ExchangeSvc {
         let ctx = ctx_of(&req);
         let r = req.into_inner();
         let token = Secret::new(r.subject_token);
+        let span = tracing::info_span!("release", request_id = %ctx.request_id);
         match self
             .rt
             .release(&r.grant_id, &token, &r.subject_token_type, &ctx)
+            .instrument(span)
             .await
         {
             Ok(out) => {
