@@ -99,6 +99,10 @@ pub enum Command {
     Audit(AuditCommand),
     /// A one-command tour: start a throwaway dev server and walk through a grant's life.
     Demo,
+    /// Benchmark the exchange path: a throwaway dev server under load, next to the
+    /// crypto-only floor (one token verify, one credential sign, one durable append)
+    /// measured in the same run.
+    Bench(BenchArgs),
 }
 
 // === serve ===
@@ -529,6 +533,25 @@ pub struct AuditTailArgs {
     /// Only events of this destination.
     #[arg(long)]
     pub destination: Option<String>,
+}
+
+// === bench ===
+
+/// `lanyard bench`
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Measured load time, seconds (after the warmup).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub duration: u64,
+    /// Load time before measuring starts, seconds (discarded).
+    #[arg(long, value_name = "SECS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub warmup: u64,
+    /// Concurrent exchanges in flight (client tasks).
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub concurrency: u32,
+    /// Operations timed for each step of the crypto-only floor.
+    #[arg(long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub floor_iterations: u32,
 }
 
 /// Parse `KEY=VALUE` (split at the first `=`; the key must not be empty).

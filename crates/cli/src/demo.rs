@@ -1,16 +1,9 @@
 //! `lanyard demo`: the newcomer's one-command tour. Starts this same binary as a
-//! throwaway `serve --dev`, walks one grant through its life (mint a token, exchange,
-//! inspect, list, release, a denial, the audit trail) and stops the server with SIGTERM.
-//!
-//! ## Why a child process
-//! The tour runs the real server exactly as an operator would start it, over the real
-//! listeners, so what the newcomer sees is what they get. SIGTERM is sent with the
-//! system `kill -TERM <pid>` command: tokio can only SIGKILL a child, and the workspace
-//! forbids the `unsafe` a direct `libc::kill` call would need.
+//! throwaway `serve --dev` (see [`crate::dev_server`] for why a child process), walks one
+//! grant through its life (mint a token, exchange, inspect, list, release, a denial, the
+//! audit trail) and stops the server with SIGTERM.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,58 +13,13 @@ use lanyard_proto::v1::admin_service_client::AdminServiceClient;
 use lanyard_proto::v1::audit_service_client::AuditServiceClient;
 use lanyard_proto::v1::exchange_service_client::ExchangeServiceClient;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
 use crate::client::{RpcError, RpcResultExt, admin_channel, admin_target, exchange_client};
+use crate::dev_server::DevServer;
+pub use crate::dev_server::{Ready, parse_ready};
 use crate::output::{self, emit, kv_table};
 use crate::workload::write_private;
-
-/// How long the server may take to print its ready line.
-const READY_DEADLINE: Duration = Duration::from_secs(60);
-/// How long the server may take to stop after SIGTERM.
-const STOP_DEADLINE: Duration = Duration::from_secs(20);
-/// How much of the server's stderr is kept for a failure report.
-const STDERR_KEEP: usize = 64 * 1024;
-
-/// The addresses the server announced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ready {
-    /// Workload gRPC address (host:port).
-    pub grpc: String,
-    /// HTTP address (host:port).
-    pub http: String,
-    /// Admin socket path.
-    pub admin: PathBuf,
-}
-
-/// Parse `lanyard ready grpc=ADDR http=ADDR admin=PATH`.
-pub fn parse_ready(line: &str) -> Option<Ready> {
-    let rest = line.trim().strip_prefix("lanyard ready ")?;
-    let (mut grpc, mut http, mut admin) = (None, None, None);
-    // The admin path is last and may contain spaces.
-    let (head, admin_path) = match rest.split_once(" admin=") {
-        Some((h, a)) => (h, Some(a)),
-        None => (rest, None),
-    };
-    if let Some(a) = admin_path {
-        admin = Some(PathBuf::from(a));
-    }
-    for part in head.split_whitespace() {
-        match part.split_once('=') {
-            Some(("grpc", v)) => grpc = Some(v.to_string()),
-            Some(("http", v)) => http = Some(v.to_string()),
-            Some(("admin", v)) => admin = Some(PathBuf::from(v)),
-            _ => {}
-        }
-    }
-    Some(Ready {
-        grpc: grpc?,
-        http: http?,
-        admin: admin?,
-    })
-}
 
 /// `lanyard demo`
 ///
@@ -89,157 +37,36 @@ pub async fn demo() -> anyhow::Result<()> {
         dir.path().display()
     ))?;
 
-    let mut cmd = Command::new(&exe);
-    cmd.arg("serve")
-        .arg("--dev")
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args([
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--admin-socket")
-        .arg(dir.path().join("admin.sock"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // The tour must not depend on the caller's configuration.
-    for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("LANYARD_")) {
-            cmd.env_remove(k);
-        }
-    }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", exe.display()))?;
-    let stderr = Arc::new(Mutex::new(Vec::<u8>::new()));
-    if let Some(e) = child.stderr.take() {
-        tokio::spawn(keep_tail(e, stderr.clone()));
-    }
-
-    let result = match wait_ready(&mut child).await {
-        Ok(ready) => {
-            emit(&format!(
-                "server ready: grpc={} http={} admin={}",
-                ready.grpc,
-                ready.http,
-                ready.admin.display()
-            ))?;
-            tour(&ready, dir.path()).await
-        }
-        Err(e) => Err(e),
-    };
-    let stopped = stop(&mut child).await;
+    let (mut server, ready) = DevServer::start(dir.path()).await?;
+    emit(&format!(
+        "server ready: grpc={} http={} admin={}",
+        ready.grpc,
+        ready.http,
+        ready.admin.display()
+    ))?;
+    let result = tour(&ready, dir.path()).await;
+    let stopped = stop(&mut server).await;
     let result = result.and(stopped);
     match &result {
         Ok(()) => emit("\ndemo complete: every step did what it should.")?,
-        Err(_) => {
-            let tail = stderr
-                .lock()
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default();
-            if !tail.trim().is_empty() {
-                output::note(&format!(
-                    "--- server stderr ---\n{}\n--- end of server stderr ---",
-                    tail.trim_end()
-                ));
-            }
-        }
+        Err(_) => server.report_stderr(),
     }
     result
 }
 
-/// Keep the last [`STDERR_KEEP`] bytes of a stream (draining it so the child never
-/// blocks on a full pipe).
-async fn keep_tail(mut r: impl AsyncRead + Unpin, buf: Arc<Mutex<Vec<u8>>>) {
-    let mut chunk = [0u8; 8192];
-    while let Ok(n) = r.read(&mut chunk).await {
-        if n == 0 {
-            break;
-        }
-        if let Ok(mut b) = buf.lock() {
-            b.extend_from_slice(&chunk[..n]);
-            if b.len() > STDERR_KEEP {
-                let cut = b.len() - STDERR_KEEP;
-                b.drain(..cut);
-            }
-        }
+/// SIGTERM the server, saying so, and wait for a clean exit.
+async fn stop(server: &mut DevServer) -> anyhow::Result<()> {
+    if let Some(pid) = server.pid() {
+        emit(&format!(
+            "\n== stopping the server (SIGTERM to pid {pid}) =="
+        ))?;
     }
-}
-
-/// Read the child's stdout until the ready line, then keep draining it in the background.
-async fn wait_ready(child: &mut Child) -> anyhow::Result<Ready> {
-    let stdout = child
-        .stdout
-        .take()
-        .context("the server's stdout is not piped")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let found = tokio::time::timeout(READY_DEADLINE, async {
-        loop {
-            match lines.next_line().await {
-                Ok(Some(line)) => {
-                    if let Some(r) = parse_ready(&line) {
-                        return Ok(r);
-                    }
-                }
-                Ok(None) | Err(_) => {
-                    let status = child.wait().await.context("waiting for the server")?;
-                    anyhow::bail!("the server exited before it was ready ({status})");
-                }
-            }
-        }
-    })
-    .await
-    .map_err(|_| {
-        anyhow::anyhow!(
-            "the server did not print its ready line within {}s",
-            READY_DEADLINE.as_secs()
-        )
-    })??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(found)
-}
-
-/// SIGTERM the child and wait for a clean exit.
-async fn stop(child: &mut Child) -> anyhow::Result<()> {
-    let Some(pid) = child.id() else {
-        // Already reaped: it exited on its own, which the tour did not ask for.
-        let status = child.wait().await?;
-        anyhow::bail!("the server had already exited ({status})");
-    };
-    emit(&format!(
-        "\n== stopping the server (SIGTERM to pid {pid}) =="
-    ))?;
-    let sent = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .stdin(Stdio::null())
-        .status()
-        .await;
-    if !matches!(&sent, Ok(s) if s.success()) {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-        anyhow::bail!(
-            "could not send SIGTERM to the server (`kill -TERM {pid}` failed); killed it"
-        );
-    }
-    match tokio::time::timeout(STOP_DEADLINE, child.wait()).await {
-        Ok(Ok(status)) if status.success() => {
+    match server.stop().await {
+        Ok(()) => {
             emit("the server stopped cleanly")?;
             Ok(())
         }
-        Ok(Ok(status)) => anyhow::bail!("the server exited with {status} after SIGTERM"),
-        Ok(Err(e)) => Err(anyhow::Error::new(e).context("waiting for the server to stop")),
-        Err(_) => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            anyhow::bail!(
-                "the server did not stop within {}s of SIGTERM; killed it",
-                STOP_DEADLINE.as_secs()
-            )
-        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -528,22 +355,4 @@ async fn fetch_kids(url: &str) -> anyhow::Result<Vec<String>> {
                 .collect()
         })
         .unwrap_or_default())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ready_line_parses() {
-        let r = parse_ready(
-            "lanyard ready grpc=127.0.0.1:1 http=127.0.0.1:2 admin=/tmp/a b/admin.sock",
-        )
-        .unwrap();
-        assert_eq!(r.grpc, "127.0.0.1:1");
-        assert_eq!(r.http, "127.0.0.1:2");
-        assert_eq!(r.admin, PathBuf::from("/tmp/a b/admin.sock"));
-        assert!(parse_ready("lanyard is running").is_none());
-        assert!(parse_ready("lanyard ready grpc=x").is_none());
-    }
 }

@@ -1,13 +1,15 @@
 //! The `lanyard` binary: `lanyard serve` and every client and admin command (exchange,
 //! renew, release, issuers, trust rules, destinations, grants, explain, keys, audit), plus
-//! the `demo` tour. Parsing lives in [`args`], connections in [`client`], printing in
-//! [`output`]; each group of commands has its own module.
+//! the `demo` tour and the `bench` benchmark. Parsing lives in [`args`], connections in
+//! [`client`], printing in [`output`]; each group of commands has its own module.
 
 pub mod admin;
 pub mod args;
 pub mod audit;
+pub mod bench;
 pub mod client;
 pub mod demo;
+pub mod dev_server;
 pub mod output;
 pub mod serve;
 pub mod workload;
@@ -37,6 +39,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(c) => admin::keys(g, c).await,
         Command::Audit(c) => audit::audit(g, c).await,
         Command::Demo => demo::demo().await,
+        Command::Bench(a) => bench::bench(g, a).await,
     }
 }
 

@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use lanyard_cli::{Cli, error_line, is_broken_pipe, run};
 
+// ## Why mimalloc
+// The exchange path allocates many short-lived buffers across tokio worker threads;
+// under load glibc malloc/free took ~17% of the server's CPU (perf, docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -357,6 +357,47 @@ fn keys_and_audit_parse() {
 }
 
 #[test]
+fn bench_has_defaults_and_takes_its_flags() {
+    let cli = parse(&["bench"]).unwrap();
+    let Command::Bench(b) = &cli.command else {
+        panic!("not bench")
+    };
+    assert_eq!(
+        (b.duration, b.warmup, b.concurrency, b.floor_iterations),
+        (10, 2, 32, 2000)
+    );
+    assert_eq!(cli.global.output, OutputFormat::Table);
+
+    let cli = parse(&[
+        "bench",
+        "--duration",
+        "3",
+        "--warmup",
+        "0",
+        "--concurrency",
+        "64",
+        "--floor-iterations",
+        "500",
+        "--output",
+        "json",
+    ])
+    .unwrap();
+    let Command::Bench(b) = &cli.command else {
+        panic!("not bench")
+    };
+    assert_eq!(
+        (b.duration, b.warmup, b.concurrency, b.floor_iterations),
+        (3, 0, 64, 500)
+    );
+    assert_eq!(cli.global.output, OutputFormat::Json);
+
+    assert!(parse(&["bench", "--duration", "0"]).is_err());
+    assert!(parse(&["bench", "--concurrency", "0"]).is_err());
+    assert!(parse(&["bench", "--floor-iterations", "0"]).is_err());
+    assert!(parse(&["bench", "--output", "csv"]).is_err());
+}
+
+#[test]
 fn key_values_split_at_the_first_equals() {
     assert_eq!(
         parse_key_value("a=b=c").unwrap(),

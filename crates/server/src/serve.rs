@@ -279,7 +279,9 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
             .add_service(reflection_alpha)
             .add_service(exchange)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                // TCP_NODELAY: small gRPC responses must not wait for the peer's
+                // delayed ACK (measured: ~44 ms per request without it).
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
                 async move {
                     let _ = rx.wait_for(|v| *v).await;
                 },

@@ -227,6 +227,9 @@ fn create_private(path: &Path) -> Result<()> {
 
 /// Append `events` after the chain head and move the head, inside the caller's
 /// transaction. Returns the sequence numbers given to the events.
+/// Rows per multi-row INSERT (14 columns each stays far below SQLite's 32766 variables).
+const INSERT_CHUNK: usize = 256;
+
 async fn append_events(conn: &mut SqliteConnection, events: &[NewAuditEvent]) -> Result<Vec<i64>> {
     if events.is_empty() {
         return Ok(Vec::new());
@@ -238,27 +241,40 @@ async fn append_events(conn: &mut SqliteConnection, events: &[NewAuditEvent]) ->
     let mut seq: i64 = head.try_get("seq").map_err(db)?;
     let mut prev: String = head.try_get("hash").map_err(db)?;
     let mut seqs = Vec::with_capacity(events.len());
+    let mut rows = Vec::with_capacity(events.len());
     for event in events {
         seq = seq
             .checked_add(1)
             .ok_or_else(|| StoreError::Corrupt("audit sequence overflow".into()))?;
         let payload = event.payload();
         let hash = chain_hash(seq, &prev, &payload);
-        sqlx::query(
-            "INSERT INTO audit_events (seq, time_ms, kind, payload, prev_hash, hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .bind(seq)
-        .bind(event.time_ms)
-        .bind(&event.kind)
-        .bind(&payload)
-        .bind(&prev)
-        .bind(&hash)
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| map_err(e, || format!("audit event {seq} already exists")))?;
+        rows.push((
+            seq,
+            event.time_ms,
+            event.kind.clone(),
+            payload,
+            prev,
+            hash.clone(),
+        ));
         seqs.push(seq);
         prev = hash;
+    }
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO audit_events (seq, time_ms, kind, payload, prev_hash, hash) ",
+        );
+        qb.push_values(chunk, |mut b, r| {
+            b.push_bind(r.0)
+                .push_bind(r.1)
+                .push_bind(r.2.clone())
+                .push_bind(r.3.clone())
+                .push_bind(r.4.clone())
+                .push_bind(r.5.clone());
+        });
+        qb.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| map_err(e, || format!("audit event {} already exists", chunk[0].0)))?;
     }
     sqlx::query("UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1")
         .bind(seq)
@@ -454,35 +470,42 @@ impl Store for SqliteStore {
         grants: &[GrantRecord],
         events: &[NewAuditEvent],
     ) -> Result<Vec<i64>> {
-        const SQL: &str = concat!(
-            "INSERT INTO grants (",
-            grant_columns!(),
-            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
-        );
         if grants.is_empty() && events.is_empty() {
             return Ok(Vec::new());
         }
         let mut tx = self.begin().await?;
-        // One SQL text: sqlx prepares it once per connection and reuses the statement.
-        for g in grants {
-            sqlx::query(SQL)
-                .bind(g.id.as_str())
-                .bind(&g.workload_id)
-                .bind(&g.issuer)
-                .bind(&g.trust_rule)
-                .bind(g.task_id.as_deref())
-                .bind(&g.destination)
-                .bind(to_json_list(&g.scopes))
-                .bind(to_json_list(&g.actor_chain))
-                .bind(g.issued_at)
-                .bind(g.expires_at)
-                .bind(g.status.as_str())
-                .bind(g.finished_at)
-                .bind(&g.revocation_handle)
-                .bind(g.renew_count)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err(e, || format!("grant {} already exists", g.id)))?;
+        // Multi-row INSERTs: one statement per chunk instead of one per grant, since each
+        // statement is a round trip to sqlx's SQLite worker thread.
+        for chunk in grants.chunks(INSERT_CHUNK) {
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(concat!(
+                "INSERT INTO grants (",
+                grant_columns!(),
+                ") "
+            ));
+            qb.push_values(chunk, |mut b, g| {
+                b.push_bind(g.id.as_str().to_owned())
+                    .push_bind(g.workload_id.clone())
+                    .push_bind(g.issuer.clone())
+                    .push_bind(g.trust_rule.clone())
+                    .push_bind(g.task_id.clone())
+                    .push_bind(g.destination.clone())
+                    .push_bind(to_json_list(&g.scopes))
+                    .push_bind(to_json_list(&g.actor_chain))
+                    .push_bind(g.issued_at)
+                    .push_bind(g.expires_at)
+                    .push_bind(g.status.as_str())
+                    .push_bind(g.finished_at)
+                    .push_bind(g.revocation_handle.clone())
+                    .push_bind(g.renew_count);
+            });
+            qb.build().execute(&mut *tx).await.map_err(|e| {
+                map_err(e, || {
+                    format!(
+                        "a grant in this batch already exists ({} grants)",
+                        chunk.len()
+                    )
+                })
+            })?;
         }
         let seqs = append_events(&mut tx, events).await?;
         tx.commit().await.map_err(db)?;
