@@ -321,7 +321,10 @@ async fn every_rejection_has_its_reason_and_is_audited() {
             assert!(!log.contains(sig), "{name}: token text in the log");
         }
     }
-    assert!(!log.contains(bearer(&ok).rsplit('.').next().unwrap()), "credential in the log");
+    assert!(
+        !log.contains(bearer(&ok).rsplit('.').next().unwrap()),
+        "credential in the log"
+    );
     // The chain verifies.
     let v = l
         .audit()
