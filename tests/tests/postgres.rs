@@ -186,8 +186,10 @@ impl OwnPostgres {
         );
     }
 
+    /// Stop the server ("fast": connections are cut, committed data is kept, which
+    /// matters because pg-start.sh runs with synchronous_commit=off).
     async fn stop(&self) {
-        self.pg_ctl(&["-m", "immediate", "-w", "stop"]).await;
+        self.pg_ctl(&["-m", "fast", "-w", "stop"]).await;
     }
 
     async fn restart(&self) {
