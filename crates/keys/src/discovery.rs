@@ -10,7 +10,8 @@ use crate::SigningAlgorithm;
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 /// Path of the discovery document under the issuer URL.
 pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
-/// Path of RFC 7662 introspection for lanyard's own tokens.
+/// Path of RFC 7662 introspection for lanyard's own tokens. Not yet served, so not yet
+/// advertised in the discovery document (the revoke-everywhere work adds both).
 pub const INTROSPECTION_PATH: &str = "/v1/introspect";
 
 /// The document served at `{issuer_url}/.well-known/openid-configuration`.
@@ -37,7 +38,6 @@ pub fn discovery_document(issuer_url: &str, algs: &[SigningAlgorithm]) -> serde_
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": alg_names,
-        "introspection_endpoint": format!("{base}{INTROSPECTION_PATH}"),
     })
 }
 
@@ -64,7 +64,6 @@ mod tests {
                 "response_types_supported": ["id_token"],
                 "subject_types_supported": ["public"],
                 "id_token_signing_alg_values_supported": ["ES256", "EdDSA"],
-                "introspection_endpoint": "https://lanyard.example.com/v1/introspect",
             })
         );
     }
