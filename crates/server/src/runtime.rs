@@ -578,13 +578,7 @@ impl Runtime {
                 ev,
             )
             .await
-            .map_err(|e| match e {
-                lanyard_store::StoreError::Conflict(_) => ApiError::new(
-                    ReasonCode::GrantNotActive,
-                    "grant is no longer active; exchange again",
-                ),
-                other => other.into(),
-            })?;
+            .map_err(lost_race)?;
         Ok(ExchangeOutput {
             grant,
             issued,
@@ -639,12 +633,7 @@ impl Runtime {
             .store
             .grant_finish(&grant.id, GrantStatus::Released, now, ev)
             .await
-            .map_err(|e| match e {
-                lanyard_store::StoreError::Conflict(_) => {
-                    ApiError::new(ReasonCode::GrantNotActive, "grant is no longer active")
-                }
-                other => other.into(),
-            })?;
+            .map_err(lost_race)?;
         Ok(ReleaseOutput { grant, outcome })
     }
 }
@@ -694,6 +683,18 @@ pub(crate) fn check_request(
         }
     }
     Ok((scopes, spec.effective_ttl(requested)))
+}
+
+/// A grant that changed state between our read and our write (a concurrent release,
+/// revoke or expiry sweep) is no longer active; other store errors map as usual.
+fn lost_race(e: lanyard_store::StoreError) -> ApiError {
+    match e {
+        lanyard_store::StoreError::Conflict(_) => ApiError::new(
+            ReasonCode::GrantNotActive,
+            "grant is no longer active; exchange again",
+        ),
+        other => other.into(),
+    }
 }
 
 fn effective_status(g: &GrantRecord, now: i64) -> &'static str {
