@@ -37,10 +37,8 @@ use lanyard_server::dev::{DEV_AUDIENCE, DEV_DESTINATION, DevIssuer, mint_dev_tok
 use lanyard_store::{GrantRecord, GrantStatus, NewAuditEvent, Store};
 use lanyard_store_sqlite::SqliteStore;
 use serde_json::{Map, Value, json};
-use tonic::transport::Channel;
 
 use crate::args::{BenchArgs, GlobalArgs, OutputFormat};
-use crate::client::exchange_client;
 use crate::dev_server::DevServer;
 use crate::output::{emit, emit_json, kv_table, list_table, note};
 
@@ -538,9 +536,9 @@ async fn run_load(
         .context("minting dev tokens")?;
     let url = format!("http://{grpc}");
     let concurrency = a.concurrency as usize;
-    let mut clients: Vec<ExchangeServiceClient<Channel>> = Vec::new();
+    let mut clients: Vec<ExchangeServiceClient<H2Conn>> = Vec::new();
     for _ in 0..CHANNELS.min(concurrency) {
-        clients.push(exchange_client(&url).await?);
+        clients.push(H2Conn::connect(grpc, &url).await?);
     }
 
     let start = Instant::now();
@@ -582,7 +580,7 @@ async fn run_load(
 /// One client: exchange in a loop until `end`, recording exchanges started after
 /// `warm_end`.
 async fn client_loop(
-    mut client: ExchangeServiceClient<Channel>,
+    mut client: ExchangeServiceClient<H2Conn>,
     token: String,
     warm_end: Instant,
     end: Instant,
@@ -626,6 +624,52 @@ async fn client_loop(
     t
 }
 
+/// The load generator's connection: one bare HTTP/2 connection (hyper), shared by the
+/// client tasks given it.
+///
+/// Not a `tonic` `Channel`: a channel adds a buffer task, reconnection and load
+/// balancing, which cost the client CPU on every call, and the client shares the
+/// machine with the server. The load generator is kept as lean as dedicated ones
+/// (`h2load`, `ghz`) are.
+#[derive(Clone)]
+struct H2Conn(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl H2Conn {
+    async fn connect(addr: &str, url: &str) -> anyhow::Result<ExchangeServiceClient<Self>> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .context("HTTP/2 handshake")?;
+        tokio::spawn(conn);
+        let origin: http::Uri = url.parse().context("the gRPC URL")?;
+        Ok(ExchangeServiceClient::with_origin(Self(send), origin))
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for H2Conn {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(req))
+    }
+}
+
 // === the report ===
 
 struct Report {
@@ -650,6 +694,14 @@ impl Report {
         } else {
             0.0
         }
+    }
+
+    /// Throughput the server could reach with every core to itself: cores x 1e6 ÷ its
+    /// CPU per exchange. Derived, not measured: it assumes the server scales to all cores
+    /// once the load generator's share is gone.
+    fn server_alone_throughput(&self) -> f64 {
+        let cpu = self.load.per_exchange(self.load.server_cpu_us);
+        div_or_zero(self.machine.nproc as f64 * 1e6, cpu)
     }
 
     fn table(&self) -> String {
@@ -764,6 +816,14 @@ impl Report {
                 ),
             ),
             (
+                "server alone (derived)",
+                format!(
+                    "{:.0} exchanges/s = {:.2} of the floor ({cores} cores x 1e6 / server CPU per exchange; not measured)",
+                    self.server_alone_throughput(),
+                    div_or_zero(self.server_alone_throughput(), self.floor_throughput()),
+                ),
+            ),
+            (
                 "ratio",
                 format!(
                     "{ratio:.2} of the floor's throughput (goal >= {GOAL_RATIO}): {}",
@@ -843,6 +903,10 @@ impl Report {
                 "cpu_us_per_exchange": round1(self.floor.cpu_us_per_exchange()),
                 "exchanges_per_sec": round1(self.floor_throughput()),
                 "cores": m.nproc,
+            },
+            "server_alone_derived": {
+                "exchanges_per_sec": round1(self.server_alone_throughput()),
+                "ratio": round_to(div_or_zero(self.server_alone_throughput(), self.floor_throughput()), 3),
             },
             "ratio": round_to(ratio, 3),
             "goal_ratio": GOAL_RATIO,

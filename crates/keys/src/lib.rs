@@ -83,9 +83,9 @@ pub enum KeyError {
     /// The claims to sign are not a JSON object.
     #[error("claims to sign must be a json object")]
     InvalidClaims,
-    /// The JWT library refused to sign.
-    #[error("signing failed")]
-    Sign(#[source] jsonwebtoken::errors::Error),
+    /// Signing failed (serializing the header or claims, or the signature itself).
+    #[error("signing failed: {0}")]
+    Sign(String),
     /// The startup self-test failed.
     #[error("signing self-test failed: {0}")]
     SelfTest(String),

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use jsonwebtoken::{EncodingKey, Header};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use lanyard_core::{Secret, SharedClock, UnixTime};
 use serde::{Deserialize, Serialize};
 
 use crate::fs::{self as kfs, io_err};
-use crate::material::{self, KeyMaterial};
+use crate::material::{self, KeyMaterial, Signer};
 use crate::{KeyError, Result, SigningAlgorithm};
 
 /// Name of the metadata file in the key directory.
@@ -83,7 +84,7 @@ struct MetadataFile {
 struct Entry {
     record: KeyRecord,
     /// `None` once the key stopped signing and its private key was dropped.
-    signer: Option<EncodingKey>,
+    signer: Option<Signer>,
 }
 
 struct Inner {
@@ -273,7 +274,7 @@ impl KeyRing {
             }
             entries.push(Entry {
                 record,
-                signer: Some(loaded.encoding_key),
+                signer: Some(loaded.signer),
             });
         }
         for orphan in &key_files {
@@ -444,12 +445,21 @@ impl KeyRing {
             .find(|e| state_at(&e.record, now, inner.retire_after) == KeyState::Active)
             .and_then(|e| e.signer.as_ref().map(|k| (&e.record, k)))
             .ok_or(KeyError::NoActiveKey { now })?;
-        let mut header = Header::new(record.alg.jwt_algorithm());
-        header.typ = Some(header_typ.to_owned());
-        header.kid = Some(record.kid.clone());
-        jsonwebtoken::encode(&header, claims, key)
-            .map(Secret::new)
-            .map_err(KeyError::Sign)
+        let header = serde_json::json!({
+            "alg": record.alg.as_str(),
+            "kid": record.kid,
+            "typ": header_typ,
+        });
+        let header = serde_json::to_vec(&header).map_err(|e| KeyError::Sign(e.to_string()))?;
+        let payload = serde_json::to_vec(claims).map_err(|e| KeyError::Sign(e.to_string()))?;
+        let mut token = String::with_capacity((header.len() + payload.len()) * 4 / 3 + 96);
+        URL_SAFE_NO_PAD.encode_string(&header, &mut token);
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+        let signature = key.sign(token.as_bytes()).map_err(KeyError::Sign)?;
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(&signature, &mut token);
+        Ok(Secret::new(token))
     }
 
     /// Sign one token and verify it against the published JWKS. The server calls this at
@@ -557,7 +567,7 @@ impl KeyRing {
         let info = info_of(&record, record.state);
         inner.entries.push(Entry {
             record,
-            signer: Some(mat.encoding_key),
+            signer: Some(mat.signer),
         });
         info
     }

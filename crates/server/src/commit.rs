@@ -60,33 +60,35 @@ impl Committer {
 }
 
 async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
-    let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
+    let mut grants: Vec<GrantRecord> = Vec::with_capacity(max_batch);
+    let mut events: Vec<NewAuditEvent> = Vec::with_capacity(max_batch);
+    let mut replies: Vec<oneshot::Sender<Result<i64, ApiError>>> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.recv().await {
-        jobs.push(first);
-        while jobs.len() < max_batch {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            grants.extend(job.grant);
+            events.push(job.event);
+            replies.push(job.reply);
+            if replies.len() < max_batch {
+                next = rx.try_recv().ok();
             }
         }
-        let grants: Vec<GrantRecord> = jobs.iter().filter_map(|j| j.grant.clone()).collect();
-        let events: Vec<NewAuditEvent> = jobs.iter().map(|j| j.event.clone()).collect();
         let result = store.grant_insert_batch(&grants, &events).await;
+        grants.clear();
+        events.clear();
         match result {
             Ok(seqs) => {
-                for (job, seq) in jobs
+                for (reply, seq) in replies
                     .drain(..)
                     .zip(seqs.into_iter().chain(std::iter::repeat(0)))
                 {
-                    let _ = job.reply.send(Ok(seq));
+                    let _ = reply.send(Ok(seq));
                 }
             }
             Err(e) => {
                 let api: ApiError = e.into();
-                for job in jobs.drain(..) {
-                    let _ = job
-                        .reply
-                        .send(Err(ApiError::new(api.reason, api.message.clone())));
+                for reply in replies.drain(..) {
+                    let _ = reply.send(Err(ApiError::new(api.reason, api.message.clone())));
                 }
             }
         }

@@ -225,6 +225,56 @@ fn create_private(path: &Path) -> Result<()> {
     })
 }
 
+/// Insert a batch of grants and their audit events in one transaction on `conn`.
+async fn insert_batch(
+    conn: &mut SqliteConnection,
+    grants: &[GrantRecord],
+    events: &[NewAuditEvent],
+) -> Result<Vec<i64>> {
+    let mut tx = sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE")
+        .await
+        .map_err(db)?;
+    // Multi-row INSERTs: one statement per chunk instead of one per grant, since each
+    // statement is a round trip to sqlx's SQLite worker thread.
+    for chunk in grants.chunks(INSERT_CHUNK) {
+        // OR ROLLBACK: a constraint failure ends the whole transaction (which is what the
+        // caller gets anyway), so SQLite keeps no statement journal for this multi-row
+        // statement. That journal cost about 11 µs per grant.
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(concat!(
+            "INSERT OR ROLLBACK INTO grants (",
+            grant_columns!(),
+            ") "
+        ));
+        qb.push_values(chunk, |mut b, g| {
+            b.push_bind(g.id.as_str().to_owned())
+                .push_bind(g.workload_id.clone())
+                .push_bind(g.issuer.clone())
+                .push_bind(g.trust_rule.clone())
+                .push_bind(g.task_id.clone())
+                .push_bind(g.destination.clone())
+                .push_bind(to_json_list(&g.scopes))
+                .push_bind(to_json_list(&g.actor_chain))
+                .push_bind(g.issued_at)
+                .push_bind(g.expires_at)
+                .push_bind(g.status.as_str())
+                .push_bind(g.finished_at)
+                .push_bind(g.revocation_handle.clone())
+                .push_bind(g.renew_count);
+        });
+        qb.build().execute(&mut *tx).await.map_err(|e| {
+            map_err(e, || {
+                format!(
+                    "a grant in this batch already exists ({} grants)",
+                    chunk.len()
+                )
+            })
+        })?;
+    }
+    let seqs = append_events(&mut tx, events).await?;
+    tx.commit().await.map_err(db)?;
+    Ok(seqs)
+}
+
 /// Append `events` after the chain head and move the head, inside the caller's
 /// transaction. Returns the sequence numbers given to the events.
 /// Rows per multi-row INSERT (14 columns each stays far below SQLite's 32766 variables).
@@ -261,7 +311,7 @@ async fn append_events(conn: &mut SqliteConnection, events: &[NewAuditEvent]) ->
     }
     for chunk in rows.chunks(INSERT_CHUNK) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO audit_events (seq, time_ms, kind, payload, prev_hash, hash) ",
+            "INSERT OR ROLLBACK INTO audit_events (seq, time_ms, kind, payload, prev_hash, hash) ",
         );
         qb.push_values(chunk, |mut b, r| {
             b.push_bind(r.0)
@@ -473,43 +523,15 @@ impl Store for SqliteStore {
         if grants.is_empty() && events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.begin().await?;
-        // Multi-row INSERTs: one statement per chunk instead of one per grant, since each
-        // statement is a round trip to sqlx's SQLite worker thread.
-        for chunk in grants.chunks(INSERT_CHUNK) {
-            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(concat!(
-                "INSERT INTO grants (",
-                grant_columns!(),
-                ") "
-            ));
-            qb.push_values(chunk, |mut b, g| {
-                b.push_bind(g.id.as_str().to_owned())
-                    .push_bind(g.workload_id.clone())
-                    .push_bind(g.issuer.clone())
-                    .push_bind(g.trust_rule.clone())
-                    .push_bind(g.task_id.clone())
-                    .push_bind(g.destination.clone())
-                    .push_bind(to_json_list(&g.scopes))
-                    .push_bind(to_json_list(&g.actor_chain))
-                    .push_bind(g.issued_at)
-                    .push_bind(g.expires_at)
-                    .push_bind(g.status.as_str())
-                    .push_bind(g.finished_at)
-                    .push_bind(g.revocation_handle.clone())
-                    .push_bind(g.renew_count);
-            });
-            qb.build().execute(&mut *tx).await.map_err(|e| {
-                map_err(e, || {
-                    format!(
-                        "a grant in this batch already exists ({} grants)",
-                        chunk.len()
-                    )
-                })
-            })?;
+        let mut conn = self.writer.acquire().await.map_err(db)?;
+        let result = insert_batch(&mut conn, grants, events).await;
+        if result.is_err() {
+            // The statements below use OR ROLLBACK, so a failure may already have ended
+            // the transaction inside SQLite while sqlx still counts it as open. Replace the
+            // connection rather than reuse one whose transaction state is in doubt.
+            conn.close_on_drop();
         }
-        let seqs = append_events(&mut tx, events).await?;
-        tx.commit().await.map_err(db)?;
-        Ok(seqs)
+        result
     }
 
     async fn grant_get(&self, id: &GrantId) -> Result<Option<GrantRecord>> {
