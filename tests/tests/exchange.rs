@@ -329,7 +329,7 @@ async fn every_rejection_has_its_reason_and_is_audited() {
     let v = l
         .audit()
         .await
-        .verify(pb::VerifyRequest { after_seq: 0 })
+        .verify(pb::VerifyRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -565,7 +565,7 @@ async fn keys_and_grants_survive_a_restart() {
     let v = l
         .audit()
         .await
-        .verify(pb::VerifyRequest { after_seq: 0 })
+        .verify(pb::VerifyRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -616,11 +616,14 @@ async fn explain_shows_the_workload_and_the_decision_without_issuing() {
         .into_inner()
         .grants;
     assert!(grants.is_empty());
-    // Verify past the head is a usage error, not "tampering".
+    // Verifying from a checkpoint that is not one is a usage error, not "tampering".
     let err = l
         .audit()
         .await
-        .verify(pb::VerifyRequest { after_seq: 10_000 })
+        .verify(pb::VerifyRequest {
+            from_checkpoint: "not.a.checkpoint".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(reason(&err), "INVALID_ARGUMENT");

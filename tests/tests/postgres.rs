@@ -112,7 +112,7 @@ async fn two_replicas_share_one_postgres_database() {
     let v = b
         .audit()
         .await
-        .verify(pb::VerifyRequest { after_seq: 0 })
+        .verify(pb::VerifyRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -270,7 +270,7 @@ async fn database_outage_is_refused_cleanly_and_recovers() {
     let v = l
         .audit()
         .await
-        .verify(pb::VerifyRequest { after_seq: 0 })
+        .verify(pb::VerifyRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -507,12 +507,32 @@ pub enum KeysCommand {
 pub enum AuditCommand {
     /// Print audit events, one line each; with -f keep following new ones.
     Tail(AuditTailArgs),
-    /// Verify the hash chain; exits non-zero naming the first broken event.
-    Verify {
-        /// Start after this sequence number.
-        #[arg(long, value_name = "SEQ", default_value_t = 0)]
-        after: i64,
+    /// Prove the hash chain intact from genesis (or a signed checkpoint) to the head;
+    /// exits non-zero naming the first broken event and what was done to it.
+    Verify(AuditVerifyArgs),
+    /// Sign the chain head now and print the checkpoint. Keep it outside lanyard:
+    /// `audit verify --checkpoint FILE` later proves the chain still reaches it.
+    Checkpoint,
+    /// Print the fingerprint audit events carry for a token (the token is read from a
+    /// file, never from the command line), to find the events it was used in.
+    Fingerprint {
+        /// File holding the token ("-" for stdin).
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
     },
+}
+
+/// `lanyard audit verify`
+#[derive(Debug, Clone, Args)]
+pub struct AuditVerifyArgs {
+    /// Start from this checkpoint (a file holding the JWS `audit checkpoint` printed)
+    /// instead of genesis.
+    #[arg(long, value_name = "FILE")]
+    pub from_checkpoint: Option<PathBuf>,
+    /// A checkpoint kept outside lanyard (file holding its JWS); the chain must reach it
+    /// and match it. Repeatable.
+    #[arg(long = "checkpoint", value_name = "FILE")]
+    pub checkpoints: Vec<PathBuf>,
 }
 
 /// `lanyard audit tail`
@@ -533,6 +553,9 @@ pub struct AuditTailArgs {
     /// Only events of this destination.
     #[arg(long)]
     pub destination: Option<String>,
+    /// Only events about the token with this fingerprint (see `audit fingerprint`).
+    #[arg(long, value_name = "FINGERPRINT")]
+    pub fingerprint: Option<String>,
 }
 
 // === bench ===
@@ -552,6 +575,11 @@ pub struct BenchArgs {
     /// Operations timed for each step of the crypto-only floor.
     #[arg(long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub floor_iterations: u32,
+    /// Instead of the exchange path: build an audit chain of N events (with a signed
+    /// checkpoint every 10,000) in a throwaway SQLite store, then time verifying it from
+    /// genesis, as `lanyard audit verify` does.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub audit_chain: Option<u64>,
 }
 
 /// Parse `KEY=VALUE` (split at the first `=`; the key must not be empty).

@@ -310,7 +310,7 @@ async fn tour(ready: &Ready, data_dir: &Path) -> anyhow::Result<()> {
     )?;
     let v = c
         .audit
-        .verify(pb::VerifyRequest { after_seq: 0 })
+        .verify(pb::VerifyRequest::default())
         .await
         .or_rpc_error(&c.admin_target)?;
     anyhow::ensure!(

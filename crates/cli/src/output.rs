@@ -622,6 +622,9 @@ const AUDIT_FIELDS: &[&str] = &[
     "grant_id",
     "issuer",
     "actor",
+    "policy_version",
+    "subject_fingerprint",
+    "trace_id",
 ];
 
 /// One readable line: `SEQ TIME KIND key=value ...`.
@@ -639,8 +642,10 @@ pub fn audit_line(e: &pb::AuditEvent) -> String {
             line.push_str(&format!(" {f}={v}"));
         }
     }
-    if let Some(scopes) = detail
-        .and_then(|d| d.get("scopes"))
+    // Scopes are a top-level field; events written before they were kept them in detail.
+    if let Some(scopes) = payload
+        .get("scopes")
+        .or_else(|| detail.and_then(|d| d.get("scopes")))
         .and_then(Value::as_array)
     {
         let s: Vec<&str> = scopes.iter().filter_map(Value::as_str).collect();

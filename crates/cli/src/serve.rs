@@ -61,7 +61,7 @@ pub async fn serve(a: &ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Resu
         .or_else(|| throwaway.as_ref().map(|t| t.path().to_path_buf()));
     let flags = flag_overrides(a, admin_socket, data_dir);
     let cfg = FileConfig::load(a.config.as_deref(), &server_env(), &flags)?.validate()?;
-    lanyard_server::telemetry::init(&cfg.log);
+    lanyard_server::telemetry::init(&cfg.log, cfg.telemetry.as_ref())?;
     if let Some(t) = &throwaway {
         tracing_note(&format!(
             "--dev: state lives in the throwaway directory {} (removed on exit)",

@@ -349,9 +349,39 @@ fn keys_and_audit_parse() {
     let w = lanyard_cli::audit::watch_request(t);
     assert!(w.follow);
     assert_eq!((w.after_seq, w.kind.as_str()), (7, "exchange.denied"));
+    let Command::Audit(AuditCommand::Verify(v)) = parse(&[
+        "audit",
+        "verify",
+        "--from-checkpoint",
+        "a.jws",
+        "--checkpoint",
+        "b.jws",
+        "--checkpoint",
+        "c.jws",
+    ])
+    .unwrap()
+    .command
+    else {
+        panic!("not audit verify")
+    };
+    assert_eq!(
+        v.from_checkpoint.as_deref(),
+        Some(std::path::Path::new("a.jws"))
+    );
+    assert_eq!(v.checkpoints.len(), 2);
     assert!(matches!(
-        parse(&["audit", "verify"]).unwrap().command,
-        Command::Audit(AuditCommand::Verify { after: 0 })
+        parse(&["audit", "fingerprint", "--token-file", "-"])
+            .unwrap()
+            .command,
+        Command::Audit(AuditCommand::Fingerprint { .. })
+    ));
+    assert!(
+        parse(&["audit", "fingerprint"]).is_err(),
+        "the token comes from a file, so --token-file is required"
+    );
+    assert!(matches!(
+        parse(&["audit", "checkpoint"]).unwrap().command,
+        Command::Audit(AuditCommand::Checkpoint)
     ));
     assert!(matches!(parse(&["demo"]).unwrap().command, Command::Demo));
 }

@@ -410,6 +410,16 @@ impl KeyRing {
         serde_json::json!({ "keys": keys })
     }
 
+    /// Every key's public JWK, retired ones included, oldest first: what verifies
+    /// something lanyard signed long ago, such as an audit checkpoint. Not for
+    /// publishing (retired keys must not verify new tokens).
+    pub fn all_public_jwks(&self) -> serde_json::Value {
+        let inner = self.read();
+        let keys: Vec<serde_json::Value> =
+            inner.entries.iter().map(|e| e.record.jwk.clone()).collect();
+        serde_json::json!({ "keys": keys })
+    }
+
     /// The algorithms of the published keys, for discovery's
     /// `id_token_signing_alg_values_supported`.
     pub fn published_algorithms(&self) -> Vec<SigningAlgorithm> {

@@ -51,6 +51,7 @@ pub mod v1 {
         }[token]
     );
     redacted_debug!(AwsCredentials { access_key_id, region } [secret_access_key, session_token]);
+    redacted_debug!(FingerprintRequest {}[token]);
     redacted_debug!(
         DatabaseCredentials {
             host,

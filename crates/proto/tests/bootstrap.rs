@@ -17,6 +17,7 @@ const SECRET_MESSAGES: &[&str] = &[
     ".lanyard.v1.BearerToken",
     ".lanyard.v1.AwsCredentials",
     ".lanyard.v1.DatabaseCredentials",
+    ".lanyard.v1.FingerprintRequest",
 ];
 
 fn generate(out: &Path) -> Vec<u8> {

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use lanyard_core::ReasonCode;
 use lanyard_store::{GrantRecord, NewAuditEvent, Store};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 
@@ -25,14 +26,23 @@ struct Job {
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::Sender<Job>,
+    head: watch::Receiver<i64>,
 }
 
 impl Committer {
     /// Start the committer task on the current runtime.
     pub fn start(store: Arc<dyn Store>, max_batch: usize) -> Self {
         let (tx, rx) = mpsc::channel::<Job>(max_batch.saturating_mul(8).max(64));
-        tokio::spawn(run(store, rx, max_batch.max(1)));
-        Self { tx }
+        let (head_tx, head) = watch::channel(0);
+        tokio::spawn(run(store, rx, max_batch.max(1), head_tx));
+        Self { tx, head }
+    }
+
+    /// The highest audit sequence number this committer has made durable, updated after
+    /// every batch. Watchers wait on it instead of polling (events written elsewhere,
+    /// by another replica or a configuration change, still need a poll).
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.head.clone()
     }
 
     /// Durably write a grant (if any) and its audit event; returns the event's sequence
@@ -41,6 +51,21 @@ impl Committer {
     /// # Errors
     /// `STORE_UNAVAILABLE` when the transaction failed; nothing was written.
     pub async fn commit(
+        &self,
+        grant: Option<GrantRecord>,
+        event: NewAuditEvent,
+    ) -> Result<i64, ApiError> {
+        let what = if grant.is_some() {
+            "grant+audit"
+        } else {
+            "audit"
+        };
+        self.enqueue(grant, event)
+            .instrument(crate::telemetry::store_commit_span(what))
+            .await
+    }
+
+    async fn enqueue(
         &self,
         grant: Option<GrantRecord>,
         event: NewAuditEvent,
@@ -59,7 +84,12 @@ impl Committer {
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+async fn run(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    head: watch::Sender<i64>,
+) {
     let mut grants: Vec<GrantRecord> = Vec::with_capacity(max_batch);
     let mut events: Vec<NewAuditEvent> = Vec::with_capacity(max_batch);
     let mut replies: Vec<oneshot::Sender<Result<i64, ApiError>>> = Vec::with_capacity(max_batch);
@@ -78,6 +108,15 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, max_batch: usiz
         events.clear();
         match result {
             Ok(seqs) => {
+                if let Some(last) = seqs.iter().copied().max() {
+                    head.send_if_modified(|h| {
+                        let newer = last > *h;
+                        if newer {
+                            *h = last;
+                        }
+                        newer
+                    });
+                }
                 for (reply, seq) in replies
                     .drain(..)
                     .zip(seqs.into_iter().chain(std::iter::repeat(0)))

@@ -55,6 +55,39 @@ pub struct FileConfig {
     pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The audit stream.
+    pub audit: AuditConfig,
+    /// Traces (OpenTelemetry over OTLP).
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector endpoint for traces, e.g. `http://127.0.0.1:4317`. Empty:
+    /// tracing is off and no OpenTelemetry machinery runs.
+    pub otlp_endpoint: String,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Fraction of new traces sampled, 0.0 to 1.0. A request that arrives with a W3C
+    /// `traceparent` follows its caller's sampling decision instead.
+    #[serde(deserialize_with = "number_or_string")]
+    pub sample_ratio: f64,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The HMAC key that fingerprints tokens in audit events (32 bytes, mode 0600,
+    /// created on first start). Empty: `<data_dir>/audit-hmac.key`. Replicas sharing a
+    /// database must share this file.
+    pub hmac_key_file: String,
+    /// How often to sign a checkpoint of the chain head into the chain (only when
+    /// events were written since the last one). `0s` turns periodic checkpoints off.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
 }
 
 /// `[listen]`
@@ -152,6 +185,46 @@ impl Default for FileConfig {
             trust: TrustConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
+            audit: AuditConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            service_name: "lanyard".into(),
+            sample_ratio: 1.0,
+        }
+    }
+}
+
+/// A float given in TOML as a number, or as a string (environment variables arrive as
+/// strings: `LANYARD_TELEMETRY__SAMPLE_RATIO=0.25`).
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Float(f64),
+        Int(i64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Float(f) => Ok(f),
+        #[allow(clippy::cast_precision_loss)]
+        Raw::Int(i) => Ok(i as f64),
+        Raw::Text(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("{t:?} is not a number"))),
+    }
+}
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            hmac_key_file: String::new(),
+            checkpoint_interval: Duration::from_secs(300),
         }
     }
 }
@@ -288,6 +361,14 @@ impl FileConfig {
                 key: "listen.http",
                 message: format!("{:?} is not host:port: {e}", self.listen.http),
             })?;
+        let audit = AuditSettings {
+            hmac_key_file: if self.audit.hmac_key_file.is_empty() {
+                self.data_dir.join("audit-hmac.key")
+            } else {
+                PathBuf::from(&self.audit.hmac_key_file)
+            },
+            checkpoint_interval: self.audit.checkpoint_interval,
+        };
         let admin_socket = if self.listen.admin_socket.is_empty() {
             self.data_dir.join("admin.sock")
         } else {
@@ -343,6 +424,38 @@ impl FileConfig {
                 message: "must be \"text\" or \"json\"".into(),
             });
         }
+        let telemetry = if self.telemetry.otlp_endpoint.is_empty() {
+            None
+        } else {
+            let endpoint = self
+                .telemetry
+                .otlp_endpoint
+                .trim_end_matches('/')
+                .to_string();
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(ConfigError::Invalid {
+                    key: "telemetry.otlp_endpoint",
+                    message: "must be an http(s) URL, e.g. http://127.0.0.1:4317".into(),
+                });
+            }
+            if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+                return Err(ConfigError::Invalid {
+                    key: "telemetry.sample_ratio",
+                    message: "must be between 0.0 and 1.0".into(),
+                });
+            }
+            if self.telemetry.service_name.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "telemetry.service_name",
+                    message: "must not be empty".into(),
+                });
+            }
+            Some(TelemetrySettings {
+                otlp_endpoint: endpoint,
+                service_name: self.telemetry.service_name.clone(),
+                sample_ratio: self.telemetry.sample_ratio,
+            })
+        };
         if self.limits.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid {
                 key: "limits.max_request_bytes",
@@ -364,8 +477,30 @@ impl FileConfig {
             trust: self.trust.clone(),
             max_request_bytes: self.limits.max_request_bytes,
             log: self.log.clone(),
+            audit,
+            telemetry,
         })
     }
+}
+
+/// Validated `[telemetry]` settings, present only when an OTLP endpoint is set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySettings {
+    /// OTLP/gRPC endpoint, without trailing slash.
+    pub otlp_endpoint: String,
+    /// `service.name`.
+    pub service_name: String,
+    /// Sampling ratio for traces without a sampled parent, 0.0 to 1.0.
+    pub sample_ratio: f64,
+}
+
+/// Validated `[audit]` settings.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    /// The fingerprint key file.
+    pub hmac_key_file: PathBuf,
+    /// Periodic checkpoints; zero = off.
+    pub checkpoint_interval: Duration,
 }
 
 /// `LANYARD_*` variables read by the CLI client or the test harness, not by `serve`.
@@ -463,6 +598,10 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Logging.
     pub log: LogConfig,
+    /// The audit stream.
+    pub audit: AuditSettings,
+    /// Traces; `None` when off.
+    pub telemetry: Option<TelemetrySettings>,
 }
 
 #[cfg(test)]
@@ -533,6 +672,61 @@ mod tests {
         let mut c = FileConfig::default();
         c.listen.grpc = "nope".into();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_env_turns_it_on() {
+        let c = FileConfig::default().validate().unwrap();
+        assert_eq!(c.telemetry, None);
+        let env = vec![
+            (
+                "LANYARD_TELEMETRY__OTLP_ENDPOINT".to_string(),
+                "http://127.0.0.1:4317/".to_string(),
+            ),
+            (
+                "LANYARD_TELEMETRY__SAMPLE_RATIO".to_string(),
+                "0.25".to_string(),
+            ),
+        ];
+        let c = FileConfig::load(None, &env, &FlagOverrides::default())
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(
+            c.telemetry,
+            Some(TelemetrySettings {
+                otlp_endpoint: "http://127.0.0.1:4317".into(),
+                service_name: "lanyard".into(),
+                sample_ratio: 0.25,
+            })
+        );
+        let env = vec![
+            (
+                "LANYARD_TELEMETRY__OTLP_ENDPOINT".to_string(),
+                "http://127.0.0.1:4317".to_string(),
+            ),
+            (
+                "LANYARD_TELEMETRY__SAMPLE_RATIO".to_string(),
+                "1".to_string(),
+            ),
+        ];
+        let f = FileConfig::load(None, &env, &FlagOverrides::default()).unwrap();
+        assert_eq!(f.telemetry.sample_ratio, 1.0);
+        let mut bad = f.clone();
+        bad.telemetry.sample_ratio = 1.5;
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("telemetry.sample_ratio"), "{e}");
+        let mut bad = f;
+        bad.telemetry.otlp_endpoint = "127.0.0.1:4317".into();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("telemetry.otlp_endpoint"), "{e}");
+        let e = FileConfig::load(
+            None,
+            &[("LANYARD_TELEMETRY__SAMPLE_RATIO".into(), "lots".into())],
+            &FlagOverrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not a number"), "{e}");
     }
 
     #[test]

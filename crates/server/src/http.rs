@@ -1,5 +1,6 @@
 //! The HTTP side: lanyard's OIDC discovery document and JWKS (so destinations can trust
-//! lanyard as an issuer), health, and in `--dev` mode the development issuer.
+//! lanyard as an issuer), health, Prometheus metrics, and in `--dev` mode the
+//! development issuer.
 
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .route(
             "/dev-issuer/.well-known/openid-configuration",
             get(dev_discovery),
@@ -63,6 +65,20 @@ async fn ready(State(s): State<HttpState>) -> Response {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response(),
     }
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    s.rt.metrics
+        .refresh_active_grants(s.rt.store.as_ref(), s.rt.clock.now_unix())
+        .await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            crate::metrics::Metrics::content_type(),
+        )],
+        s.rt.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn dev_discovery(State(s): State<HttpState>) -> Response {

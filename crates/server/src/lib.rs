@@ -2,12 +2,15 @@
 //! gRPC services and HTTP endpoints, the one registry of destination adapters, and the
 //! one place errors become wire statuses. Only this crate sees every other crate.
 
+pub mod audit;
+pub mod audit_svc;
 pub mod commit;
 pub mod config;
 pub mod convert;
 pub mod dev;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod registry;
 pub mod replay;
 pub mod runtime;

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use lanyard_audit::Fingerprinter;
 use lanyard_core::{GrantId, ReasonCode, Scope, Secret, SharedClock, Ttl, WorkloadId};
 use lanyard_destination::{
     Destination, DestinationSpec, IssueRequest, Issued, Revocability, RevokeOutcome, RevokeRequest,
@@ -15,9 +16,11 @@ use lanyard_policy::{Action, Authorizer, Decision, DecisionRequest};
 use lanyard_store::{ConfigKind, GrantRecord, GrantStatus, NewAuditEvent, Store};
 use lanyard_trust::{IssuerConfig, TrustRule, Verifier, Workload, match_trust_rules};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::commit::Committer;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::registry;
 
 /// Token types accepted as `subject_token_type`.
@@ -110,6 +113,10 @@ pub struct Runtime {
     pub committer: Committer,
     /// SPIFFE trust domain.
     pub trust_domain: String,
+    /// Names tokens in audit events without containing them.
+    pub fingerprinter: Arc<Fingerprinter>,
+    /// Prometheus metrics (`GET /metrics`), shared with background tasks.
+    pub metrics: Arc<Metrics>,
     snapshot: RwLock<Arc<Snapshot>>,
     reload_lock: tokio::sync::Mutex<()>,
 }
@@ -126,8 +133,10 @@ impl Runtime {
         clock: SharedClock,
         committer: Committer,
         trust_domain: String,
+        fingerprinter: Arc<Fingerprinter>,
     ) -> Self {
         Self {
+            metrics: Arc::new(Metrics::for_runtime(verifier.clone(), clock.clone())),
             store,
             verifier,
             authorizer: RwLock::new(authorizer),
@@ -136,6 +145,7 @@ impl Runtime {
             clock,
             committer,
             trust_domain,
+            fingerprinter,
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             reload_lock: tokio::sync::Mutex::new(()),
         }
@@ -228,11 +238,17 @@ impl Runtime {
         Ok(true)
     }
 
+    /// The audit fingerprint of a presented token (`None` for an empty one).
+    fn fingerprint(&self, token: &Secret) -> Option<String> {
+        (!token.is_empty()).then(|| self.fingerprinter.fingerprint(token.expose()))
+    }
+
     fn event(&self, kind: &str, ctx: &RequestCtx) -> NewAuditEvent {
         NewAuditEvent {
             time_ms: self.clock.now_unix_millis(),
             kind: kind.into(),
             request_id: Some(ctx.request_id.clone()),
+            trace_id: crate::telemetry::current_trace_id(),
             actor: ctx.operator.clone(),
             ..NewAuditEvent::default()
         }
@@ -292,7 +308,9 @@ impl Runtime {
     ) -> Result<ExchangeOutput, ApiError> {
         let mut ev = self.event("exchange.denied", ctx);
         ev.destination = Some(input.destination.clone()).filter(|d| !d.is_empty());
-        ev.detail = json!({ "scopes": input.scopes, "requested_ttl_secs": input.ttl_secs });
+        ev.subject_fingerprint = self.fingerprint(&input.subject_token);
+        ev.scopes.clone_from(&input.scopes);
+        ev.detail = json!({ "requested_ttl_secs": input.ttl_secs });
         if input.destination.is_empty() {
             return Err(self
                 .deny(ev, ApiError::invalid("destination is required"))
@@ -341,7 +359,7 @@ impl Runtime {
             };
         let now = self.clock.now_unix();
         let decision = self.decide(Action::Exchange, &workload, dest, &scopes, ttl, now);
-        ev.detail["policy_version"] = json!(decision.policy_version);
+        ev.policy_version = Some(decision.policy_version.clone());
         ev.detail["determining_policies"] = json!(decision.determining_policies);
         if !decision.allowed {
             let msg = format!(
@@ -367,6 +385,10 @@ impl Runtime {
                 actor_chain: &no_actors,
                 claims: &workload.claims,
             })
+            .instrument(crate::telemetry::issue_span(
+                &dest.spec.name,
+                &dest.spec.kind,
+            ))
             .await
         {
             Ok(i) => i,
@@ -391,7 +413,7 @@ impl Runtime {
         ev.kind = "exchange.granted".into();
         ev.decision = Some("allow".into());
         ev.grant_id = Some(grant_id.to_string());
-        ev.detail["scopes"] = json!(grant.scopes);
+        ev.scopes.clone_from(&grant.scopes);
         ev.detail["ttl_secs"] = json!(ttl.as_secs());
         ev.detail["expires_at"] = json!(issued.expires_at);
         ev.detail["trust_rule"] = json!(workload.rule);
@@ -422,7 +444,9 @@ impl Runtime {
     ) -> Decision {
         let scope_strings: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
         let task = workload.task.as_ref().map(|t| t.as_str().to_string());
-        self.authorizer().decide(&DecisionRequest {
+        let span = crate::telemetry::policy_span(action.as_str(), &dest.spec.name);
+        let _entered = span.enter();
+        let decision = self.authorizer().decide(&DecisionRequest {
             workload_id: workload.id.as_str(),
             issuer: &workload.issuer,
             claims: &workload.claims,
@@ -434,7 +458,13 @@ impl Runtime {
             ttl_secs: ttl.as_secs(),
             task_id: task.as_deref(),
             now,
-        })
+        });
+        span.record(
+            "lanyard.decision",
+            if decision.allowed { "allow" } else { "deny" },
+        );
+        span.record("lanyard.policy_version", decision.policy_version.as_str());
+        decision
     }
 
     /// Load a grant and check that `workload` may act on it.
@@ -473,6 +503,7 @@ impl Runtime {
     ) -> Result<(Workload, GrantRecord, NewAuditEvent), ApiError> {
         let mut ev = self.event(denied_kind, ctx);
         ev.grant_id = Some(truncate(grant_id));
+        ev.subject_fingerprint = self.fingerprint(token);
         let workload = match self.identify(token, token_type).await {
             Ok(w) => w,
             Err((e, issuer)) => {
@@ -538,7 +569,9 @@ impl Runtime {
             .filter_map(|s| Scope::parse(s).ok())
             .collect();
         let decision = self.decide(Action::Renew, &workload, dest, &scopes, ttl, now);
-        ev.detail = json!({"policy_version": decision.policy_version, "determining_policies": decision.determining_policies});
+        ev.policy_version = Some(decision.policy_version.clone());
+        ev.scopes.clone_from(&grant.scopes);
+        ev.detail = json!({"determining_policies": decision.determining_policies});
         if !decision.allowed {
             let e = ApiError::new(ReasonCode::PolicyDenied, "policy denied renewal");
             return Err(self.deny(ev, e).await);
@@ -559,6 +592,10 @@ impl Runtime {
                 actor_chain: &no_actors,
                 claims: &workload.claims,
             })
+            .instrument(crate::telemetry::issue_span(
+                &dest.spec.name,
+                &dest.spec.kind,
+            ))
             .await
         {
             Ok(i) => i,
@@ -577,6 +614,7 @@ impl Runtime {
                 &issued.revocation_handle,
                 ev,
             )
+            .instrument(crate::telemetry::store_commit_span("grant.renew"))
             .await
             .map_err(lost_race)?;
         Ok(ExchangeOutput {
@@ -619,6 +657,10 @@ impl Runtime {
                     expires_at: grant.expires_at,
                     now,
                 })
+                .instrument(crate::telemetry::revoke_span(
+                    &dest.spec.name,
+                    &dest.spec.kind,
+                ))
                 .await
                 .map_err(ApiError::from)?,
             None => RevokeOutcome::ExpiresAt {
@@ -632,6 +674,7 @@ impl Runtime {
         let grant = self
             .store
             .grant_finish(&grant.id, GrantStatus::Released, now, ev)
+            .instrument(crate::telemetry::store_commit_span("grant.release"))
             .await
             .map_err(lost_race)?;
         Ok(ReleaseOutput { grant, outcome })

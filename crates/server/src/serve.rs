@@ -2,6 +2,7 @@
 //! listeners (workload gRPC, admin Unix socket, HTTP), run background work, and stop
 //! gracefully on SIGTERM or Ctrl-C.
 
+use lanyard_audit::Fingerprinter;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -193,6 +194,10 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     .context("building the token verifier")?;
 
     let authorizer = load_policy(&cfg, opts.dev)?;
+    let fingerprinter = Arc::new(
+        Fingerprinter::open_or_create(&cfg.audit.hmac_key_file)
+            .context("opening the audit fingerprint key")?,
+    );
     let committer = Committer::start(store.clone(), cfg.max_batch);
     let rt = Arc::new(Runtime::new(
         store.clone(),
@@ -203,6 +208,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         clock.clone(),
         committer,
         cfg.trust_domain.clone(),
+        fingerprinter,
     ));
 
     let dev = if opts.dev {
@@ -274,6 +280,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let mut rx = shutdown_rx.clone();
     let grpc_task = tokio::spawn(
         Server::builder()
+            .trace_fn(crate::telemetry::grpc_span)
             .add_service(health_svc.clone())
             .add_service(reflection)
             .add_service(reflection_alpha)
@@ -299,10 +306,15 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         own_issuer_url: cfg.issuer_url.clone(),
     })
     .max_decoding_message_size(max);
-    let audit = AuditServiceServer::new(AuditSvc { rt: rt.clone() }).max_decoding_message_size(max);
+    let audit = AuditServiceServer::new(AuditSvc {
+        rt: rt.clone(),
+        issuer_url: cfg.issuer_url.clone(),
+    })
+    .max_decoding_message_size(max);
     let mut rx = shutdown_rx.clone();
     let admin_task = tokio::spawn(
         Server::builder()
+            .trace_fn(crate::telemetry::grpc_span)
             .add_service(health_svc)
             .add_service(admin_reflection)
             .add_service(admin)
@@ -331,6 +343,18 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     });
 
     let bg = tokio::spawn(background(rt.clone(), shutdown_rx.clone()));
+    tokio::spawn(crate::audit::checkpoints(
+        rt.clone(),
+        cfg.issuer_url.clone(),
+        cfg.audit.checkpoint_interval,
+        shutdown_rx.clone(),
+    ));
+    tokio::spawn(crate::audit::head_metric(rt.clone(), shutdown_rx.clone()));
+    tokio::spawn(crate::audit::issuer_key_events(
+        rt.clone(),
+        Duration::from_secs(2),
+        shutdown_rx.clone(),
+    ));
 
     tracing::info!(
         grpc = %grpc_addr,
@@ -360,6 +384,8 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     .await;
     bg.abort();
     let _ = std::fs::remove_file(&cfg.admin_socket);
+    // Export the spans of the last requests before the process ends.
+    crate::telemetry::shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }

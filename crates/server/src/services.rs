@@ -8,7 +8,6 @@ use futures::Stream;
 use lanyard_core::{GrantId, ReasonCode, Secret};
 use lanyard_proto::v1 as pb;
 use lanyard_proto::v1::admin_service_server::AdminService;
-use lanyard_proto::v1::audit_service_server::AuditService;
 use lanyard_proto::v1::exchange_service_server::ExchangeService;
 use lanyard_store::{
     ConfigKind, GrantFilter, GrantStatus, NewAuditEvent, NewConfigObject, PageRequest,
@@ -20,13 +19,16 @@ use tracing::Instrument;
 
 use crate::convert;
 use crate::error::ApiError;
+use crate::metrics::{Outcome, destination_label};
 use crate::runtime::{ExchangeInput, RequestCtx, Runtime, truncate};
 
-type Rpc<T> = Result<Response<T>, Status>;
+pub(crate) type Rpc<T> = Result<Response<T>, Status>;
+
+pub use crate::audit_svc::AuditSvc;
 
 /// Build the request context: a request ID (the caller's `x-request-id` when it is
 /// short and plain, else a new one) and, on the admin socket, the peer's uid.
-fn ctx_of<T>(req: &Request<T>) -> RequestCtx {
+pub(crate) fn ctx_of<T>(req: &Request<T>) -> RequestCtx {
     let request_id = req
         .metadata()
         .get("x-request-id")
@@ -50,7 +52,7 @@ fn ctx_of<T>(req: &Request<T>) -> RequestCtx {
     }
 }
 
-fn respond<T>(ctx: &RequestCtx, body: T) -> Response<T> {
+pub(crate) fn respond<T>(ctx: &RequestCtx, body: T) -> Response<T> {
     let mut r = Response::new(body);
     if let Ok(v) = ctx.request_id.parse() {
         r.metadata_mut().insert("x-request-id", v);
@@ -58,8 +60,9 @@ fn respond<T>(ctx: &RequestCtx, body: T) -> Response<T> {
     r
 }
 
-fn fail(ctx: &RequestCtx, e: ApiError) -> Status {
+pub(crate) fn fail(ctx: &RequestCtx, e: ApiError) -> Status {
     tracing::info!(request_id = %ctx.request_id, reason = %e.reason, "request refused");
+    crate::telemetry::record_refusal(e.reason);
     let mut s: Status = e.into();
     if let Ok(v) = ctx.request_id.parse() {
         s.metadata_mut().insert("x-request-id", v);
@@ -93,6 +96,9 @@ impl ExchangeService for ExchangeSvc {
     async fn exchange(&self, req: Request<pb::ExchangeRequest>) -> Rpc<pb::ExchangeResponse> {
         let ctx = ctx_of(&req);
         let r = req.into_inner();
+        let started = std::time::Instant::now();
+        let snapshot = self.rt.snapshot();
+        let dest_label = destination_label(&snapshot, &r.destination);
         let input = ExchangeInput {
             subject_token: Secret::new(r.subject_token),
             subject_token_type: r.subject_token_type,
@@ -103,7 +109,12 @@ impl ExchangeService for ExchangeSvc {
             audience: r.audience,
         };
         let span = tracing::info_span!("exchange", request_id = %ctx.request_id);
-        match self.rt.exchange(input, &ctx).instrument(span).await {
+        let result = self.rt.exchange(input, &ctx).instrument(span).await;
+        let outcome = outcome_of(&result);
+        self.rt
+            .metrics
+            .exchange(dest_label, outcome, started.elapsed());
+        match result {
             Ok(out) => Ok(respond(&ctx, exchange_response(out))),
             Err(e) => Err(fail(&ctx, e)),
         }
@@ -114,7 +125,7 @@ impl ExchangeService for ExchangeSvc {
         let r = req.into_inner();
         let token = Secret::new(r.subject_token);
         let span = tracing::info_span!("renew", request_id = %ctx.request_id);
-        match self
+        let result = self
             .rt
             .renew(
                 &r.grant_id,
@@ -124,8 +135,9 @@ impl ExchangeService for ExchangeSvc {
                 &ctx,
             )
             .instrument(span)
-            .await
-        {
+            .await;
+        self.rt.metrics.renew(outcome_of(&result));
+        match result {
             Ok(out) => Ok(respond(&ctx, exchange_response(out))),
             Err(e) => Err(fail(&ctx, e)),
         }
@@ -136,12 +148,13 @@ impl ExchangeService for ExchangeSvc {
         let r = req.into_inner();
         let token = Secret::new(r.subject_token);
         let span = tracing::info_span!("release", request_id = %ctx.request_id);
-        match self
+        let result = self
             .rt
             .release(&r.grant_id, &token, &r.subject_token_type, &ctx)
             .instrument(span)
-            .await
-        {
+            .await;
+        self.rt.metrics.release(outcome_of(&result));
+        match result {
             Ok(out) => {
                 let now = self.rt.clock.now_unix();
                 Ok(respond(
@@ -155,6 +168,13 @@ impl ExchangeService for ExchangeSvc {
             }
             Err(e) => Err(fail(&ctx, e)),
         }
+    }
+}
+
+fn outcome_of<T>(result: &Result<T, ApiError>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Allowed,
+        Err(e) => Outcome::Denied(e.reason),
     }
 }
 
@@ -183,6 +203,7 @@ impl AdminSvc {
             time_ms: now_ms,
             kind: format!("{}.put", kind.as_str()),
             request_id: Some(ctx.request_id.clone()),
+            trace_id: crate::telemetry::current_trace_id(),
             actor: ctx.operator.clone(),
             detail: json!({ "name": name, "before": before, "after": spec }),
             ..NewAuditEvent::default()
@@ -224,6 +245,7 @@ impl AdminSvc {
             time_ms: self.rt.clock.now_unix_millis(),
             kind: format!("{}.delete", kind.as_str()),
             request_id: Some(ctx.request_id.clone()),
+            trace_id: crate::telemetry::current_trace_id(),
             actor: ctx.operator.clone(),
             detail: json!({ "name": name, "before": before }),
             ..NewAuditEvent::default()
@@ -641,11 +663,16 @@ impl AdminService for AdminSvc {
             time_ms: self.rt.clock.now_unix_millis(),
             kind: "admin.explain".into(),
             request_id: Some(ctx.request_id.clone()),
+            trace_id: crate::telemetry::current_trace_id(),
             actor: ctx.operator.clone(),
             workload_id: (!out.workload_id.is_empty()).then(|| out.workload_id.clone()),
             destination: Some(truncate(&r.destination)),
             decision: Some(if out.allowed { "allow" } else { "deny" }.into()),
             reason: (!out.reason.is_empty()).then(|| out.reason.clone()),
+            subject_fingerprint: (!token.is_empty())
+                .then(|| self.rt.fingerprinter.fingerprint(token.expose())),
+            scopes: r.scopes.clone(),
+            policy_version: (!out.policy_version.is_empty()).then(|| out.policy_version.clone()),
             ..NewAuditEvent::default()
         };
         if let Err(e) = self.rt.committer.commit(None, event).await {
@@ -704,6 +731,7 @@ impl AdminService for AdminSvc {
                 time_ms: self.rt.clock.now_unix_millis(),
                 kind: "signing_key.rotated".into(),
                 request_id: Some(ctx.request_id.clone()),
+                trace_id: crate::telemetry::current_trace_id(),
                 actor: ctx.operator.clone(),
                 detail: json!({ "kid": info.kid, "activate_after_secs": after.as_secs() }),
                 ..NewAuditEvent::default()
@@ -741,145 +769,4 @@ fn unimplemented_policy(ctx: &RequestCtx) -> Status {
             "versioned policy storage is not served by this version; policy comes from [policy] file",
         ),
     )
-}
-
-// === impl AuditService ===
-
-/// The audit service (admin socket only).
-pub struct AuditSvc {
-    /// The runtime.
-    pub rt: Arc<Runtime>,
-}
-
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::AuditEvent, Status>> + Send>>;
-
-fn audit_to_pb(r: &lanyard_store::AuditRecord) -> pb::AuditEvent {
-    pb::AuditEvent {
-        seq: r.seq,
-        time: Some(prost_types::Timestamp {
-            seconds: r.time_ms.div_euclid(1000),
-            nanos: i32::try_from(r.time_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-        }),
-        kind: r.kind.clone(),
-        payload_json: r.payload.clone(),
-        prev_hash: r.prev_hash.clone(),
-        hash: r.hash.clone(),
-    }
-}
-
-fn matches_filter(r: &lanyard_store::AuditRecord, w: &pb::WatchRequest) -> bool {
-    if !w.kind.is_empty() && r.kind != w.kind {
-        return false;
-    }
-    if w.workload_id.is_empty() && w.destination.is_empty() {
-        return true;
-    }
-    let v: serde_json::Value = serde_json::from_str(&r.payload).unwrap_or_default();
-    (w.workload_id.is_empty() || v["workload_id"] == w.workload_id.as_str())
-        && (w.destination.is_empty() || v["destination"] == w.destination.as_str())
-}
-
-#[tonic::async_trait]
-impl AuditService for AuditSvc {
-    type WatchStream = WatchStream;
-
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Rpc<Self::WatchStream> {
-        let ctx = ctx_of(&req);
-        let w = req.into_inner();
-        let store = self.rt.store.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(async move {
-            let mut after = w.after_seq.max(0);
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                let batch = match store.audit_list(after, 500).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(ApiError::from(e)))).await;
-                        return;
-                    }
-                };
-                let n = batch.len();
-                for r in batch {
-                    after = r.seq;
-                    if matches_filter(&r, &w) && tx.send(Ok(audit_to_pb(&r))).await.is_err() {
-                        return;
-                    }
-                }
-                if n == 500 {
-                    continue;
-                }
-                if !w.follow {
-                    return;
-                }
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        Ok(respond(&ctx, Box::pin(stream) as WatchStream))
-    }
-
-    async fn verify(&self, req: Request<pb::VerifyRequest>) -> Rpc<pb::VerifyResponse> {
-        let ctx = ctx_of(&req);
-        let after = req.get_ref().after_seq.max(0);
-        let result = async {
-            let mut out = pb::VerifyResponse {
-                ok: true,
-                head_seq: after,
-                ..Default::default()
-            };
-            let mut prev_hash = if after == 0 {
-                lanyard_store::GENESIS_HASH.to_string()
-            } else {
-                match self.rt.store.audit_list(after - 1, 1).await?.first() {
-                    Some(r) if r.seq == after => r.hash.clone(),
-                    Some(_) => {
-                        out.ok = false;
-                        out.first_broken_seq = after;
-                        out.problem = "the starting event is missing (deleted event)".into();
-                        return Ok(out);
-                    }
-                    None => {
-                        return Err(ApiError::invalid(format!(
-                            "after_seq {after} is beyond the head of the audit chain"
-                        )));
-                    }
-                }
-            };
-            let mut expect = after + 1;
-            loop {
-                let batch = self.rt.store.audit_list(expect - 1, 1000).await?;
-                if batch.is_empty() {
-                    break;
-                }
-                for r in &batch {
-                    let problem = if r.seq != expect {
-                        Some(format!("gap: expected seq {expect}, found {}", r.seq))
-                    } else if r.prev_hash != prev_hash {
-                        Some("prev_hash does not match the previous event's hash (deleted or reordered event)".into())
-                    } else if !r.hash_is_valid() {
-                        Some("hash mismatch (event edited)".into())
-                    } else {
-                        None
-                    };
-                    if let Some(p) = problem {
-                        out.ok = false;
-                        out.first_broken_seq = expect.min(r.seq);
-                        out.problem = p;
-                        return Ok(out);
-                    }
-                    out.checked += 1;
-                    out.head_seq = r.seq;
-                    prev_hash = r.hash.clone();
-                    expect += 1;
-                }
-            }
-            Ok::<_, ApiError>(out)
-        }
-        .await;
-        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
-    }
 }

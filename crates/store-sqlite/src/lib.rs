@@ -766,6 +766,17 @@ impl Store for SqliteStore {
         rows.iter().map(rows::audit).collect()
     }
 
+    async fn audit_head(&self) -> Result<(i64, String)> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db)?;
+        Ok((
+            row.try_get("seq").map_err(db)?,
+            row.try_get("hash").map_err(db)?,
+        ))
+    }
+
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.reader)

@@ -22,6 +22,9 @@ pub struct NewAuditEvent {
     /// Request ID of the RPC that caused it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// OpenTelemetry trace ID (32 hex digits) of the RPC, when tracing is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// Who: the workload ID or the operator.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
@@ -40,12 +43,21 @@ pub struct NewAuditEvent {
     /// Grant ID.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<String>,
+    /// HMAC fingerprint of the subject token (`hmac-sha256:...`); never the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject_fingerprint: Option<String>,
+    /// Scopes asked for (denials) or granted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
     /// `allow` or `deny` for decisions.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision: Option<String>,
     /// Stable reason code for denials and failures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The policy version that decided, for decisions that reached policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<String>,
     /// Anything else (scopes, TTL, policy IDs, before/after of a change...).
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub detail: serde_json::Value,
@@ -83,20 +95,36 @@ pub struct AuditRecord {
 impl AuditRecord {
     /// Whether `hash` matches the record's own fields.
     pub fn hash_is_valid(&self) -> bool {
-        chain_hash(self.seq, &self.prev_hash, &self.payload) == self.hash
+        hash_matches(self.seq, &self.prev_hash, &self.payload, &self.hash)
     }
 }
 
 /// `sha256("lanyard-audit-v1\n" || seq || "\n" || prev_hash || "\n" || payload)` in hex.
 pub fn chain_hash(seq: i64, prev_hash: &str, payload: &str) -> String {
+    hex::encode(chain_digest(seq, prev_hash, payload))
+}
+
+/// Whether `expected_hex` is [`chain_hash`] of the other arguments, without allocating
+/// (verification checks millions of these).
+pub fn hash_matches(seq: i64, prev_hash: &str, payload: &str, expected_hex: &str) -> bool {
+    let mut expected = [0u8; 32];
+    // Lowercase only, as written: the next event names this hash as text.
+    expected_hex
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && hex::decode_to_slice(expected_hex, &mut expected).is_ok()
+        && chain_digest(seq, prev_hash, payload).as_slice() == expected
+}
+
+fn chain_digest(seq: i64, prev_hash: &str, payload: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"lanyard-audit-v1\n");
-    h.update(seq.to_string().as_bytes());
+    h.update(itoa::Buffer::new().format(seq).as_bytes());
     h.update(b"\n");
     h.update(prev_hash.as_bytes());
     h.update(b"\n");
     h.update(payload.as_bytes());
-    hex::encode(h.finalize())
+    h.finalize().into()
 }
 
 #[cfg(test)]
@@ -109,6 +137,16 @@ mod tests {
         assert_ne!(base, chain_hash(2, GENESIS_HASH, "{}"));
         assert_ne!(base, chain_hash(1, &base, "{}"));
         assert_ne!(base, chain_hash(1, GENESIS_HASH, "{ }"));
+        assert!(hash_matches(1, GENESIS_HASH, "{}", &base));
+        assert!(!hash_matches(2, GENESIS_HASH, "{}", &base));
+        assert!(!hash_matches(1, GENESIS_HASH, "{}", "zz"));
+        assert!(!hash_matches(
+            1,
+            GENESIS_HASH,
+            "{}",
+            &base.to_uppercase()[..63]
+        ));
+        assert_eq!(chain_hash(-7, "p", "x"), chain_hash(-7, "p", "x"));
         assert_eq!(base.len(), 64);
     }
 }

@@ -1236,6 +1236,12 @@ async fn audit_chain_is_valid(store: &dyn Store) {
     assert!(!all.is_empty());
     assert_eq!(all[0].seq, 1, "the chain starts at 1");
     assert_linked(&all, 0, GENESIS_HASH);
+    let last = all.last().unwrap();
+    assert_eq!(
+        store.audit_head().await.unwrap(),
+        (last.seq, last.hash.clone()),
+        "the head record matches the last event"
+    );
 }
 
 // === concurrency ===

@@ -8,7 +8,7 @@ pub mod audit;
 pub mod conformance;
 mod records;
 
-pub use audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, chain_hash};
+pub use audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, chain_hash, hash_matches};
 pub use records::*;
 
 use async_trait::async_trait;
@@ -193,6 +193,15 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
     async fn audit_list(&self, after: i64, limit: u32) -> Result<Vec<AuditRecord>>;
+
+    /// The chain head as the store records it beside the events: the last sequence
+    /// number and its hash (`0` and [`GENESIS_HASH`] before the first event). Written in
+    /// the same transaction as every append, so a tail cut off the events table alone
+    /// shows up as a head beyond the last event.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn audit_head(&self) -> Result<(i64, String)>;
 
     /// Health check: a trivial query.
     ///

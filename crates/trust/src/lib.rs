@@ -30,4 +30,4 @@ pub use config::{
 pub use error::{Result, TrustError};
 pub use replay::{InMemoryReplayGuard, ReplayError, ReplayGuard};
 pub use rules::{ClaimCondition, ClaimMatcher, TrustRule, Workload, match_trust_rules};
-pub use verifier::{KeySetStatus, VerifiedToken, Verifier, VerifierSettings};
+pub use verifier::{FetchCounts, KeySetStatus, VerifiedToken, Verifier, VerifierSettings};

@@ -8,7 +8,7 @@
 //! own key snapshot (cloned cheaply by readers) and its own `tokio` mutex that makes
 //! fetches single-flight. No lock shared between issuers is ever held across an await.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use tracing::Instrument;
 
 use lanyard_core::{Secret, SharedClock, UnixTime};
 
@@ -120,6 +121,17 @@ pub struct KeySetStatus {
     pub stale: bool,
 }
 
+/// How often an issuer's keys were fetched over HTTP since this process started, for
+/// metrics. Counted per issuer name and kept when the issuer is reconfigured or
+/// removed, so the numbers only grow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FetchCounts {
+    /// Fetch attempts (discovery plus JWKS counts as one), failed ones included.
+    pub attempts: u64,
+    /// Attempts that failed (transport, status, size, parse or discovery errors).
+    pub failures: u64,
+}
+
 /// A token whose signature and claims verified.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VerifiedToken {
@@ -167,6 +179,8 @@ struct Inner {
     replay: Arc<dyn ReplayGuard>,
     http: reqwest::Client,
     table: RwLock<Arc<IssuerTable>>,
+    /// Per issuer name; see [`FetchCounts`].
+    fetch_counts: Mutex<BTreeMap<String, FetchCounts>>,
 }
 
 struct IssuerTable {
@@ -303,6 +317,7 @@ impl Verifier {
                 replay,
                 http,
                 table: RwLock::new(Arc::new(IssuerTable::default())),
+                fetch_counts: Mutex::new(BTreeMap::new()),
             }),
         })
     }
@@ -422,6 +437,31 @@ impl Verifier {
         }
     }
 
+    /// How often each issuer's keys were fetched, ordered by issuer name. Issuers that
+    /// were never fetched (inline keys, or no token seen yet) are absent.
+    pub fn fetch_counts(&self) -> Vec<(String, FetchCounts)> {
+        self.inner
+            .fetch_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, c)| (name.clone(), *c))
+            .collect()
+    }
+
+    fn count_fetch(&self, issuer: &str, failed: bool) {
+        let mut counts = self
+            .inner
+            .fetch_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let c = counts.entry(issuer.to_owned()).or_default();
+        c.attempts = c.attempts.saturating_add(1);
+        if failed {
+            c.failures = c.failures.saturating_add(1);
+        }
+    }
+
     /// Fetch an issuer's keys now, ignoring the cache and the refetch cooldown.
     ///
     /// # Errors
@@ -455,7 +495,16 @@ impl Verifier {
         // The issuer name is logged only once `iss` matched a configured issuer: an
         // unmatched `iss` is attacker text and stays out of the logs.
         let mut routed: Option<String> = None;
-        let result = self.verify_inner(token, &mut routed).await;
+        // Target `lanyard::trace`: exported as an OpenTelemetry span when tracing is on,
+        // kept out of the log lines (the server's subscriber decides).
+        let span = tracing::info_span!(target: "lanyard::trace", "token.verify", issuer = tracing::field::Empty);
+        let result = self
+            .verify_inner(token, &mut routed)
+            .instrument(span.clone())
+            .await;
+        if let Some(issuer) = &routed {
+            span.record("issuer", issuer.as_str());
+        }
         match &result {
             Ok(t) => {
                 tracing::debug!(issuer = %t.issuer, kid = ?t.kid, alg = %t.alg, "subject token verified")
@@ -724,7 +773,20 @@ impl Verifier {
         st: &IssuerState,
         _guard: &tokio::sync::MutexGuard<'_, ()>,
     ) -> std::result::Result<Arc<KeySnapshot>, String> {
-        let result = fetch::fetch_keys(&self.inner.http, &self.inner.settings, &st.config).await;
+        let span = tracing::info_span!(
+            target: "lanyard::trace",
+            "jwks.fetch",
+            issuer = %st.config.name,
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+        );
+        let result = fetch::fetch_keys(&self.inner.http, &self.inner.settings, &st.config)
+            .instrument(span.clone())
+            .await;
+        self.count_fetch(&st.config.name, result.is_err());
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
         let now_ms = self.inner.clock.now_unix_millis();
         let now = now_ms.div_euclid(1000);
         match result {

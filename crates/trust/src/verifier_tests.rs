@@ -927,6 +927,17 @@ async fn issuer_down_serves_last_known_good_until_max_staleness() {
     clock.advance(10);
     verify(&v, &t).await.unwrap();
     assert_eq!(server.knobs.jwks_hits(), 3);
+    // One success, then two failed refreshes; the counts say so, per issuer.
+    assert_eq!(
+        v.fetch_counts(),
+        vec![(
+            "up".to_string(),
+            crate::FetchCounts {
+                attempts: 3,
+                failures: 2
+            }
+        )]
+    );
 
     clock.set(NOW + 3601);
     let e = verify(&v, &t).await.unwrap_err();
@@ -939,6 +950,16 @@ async fn issuer_down_serves_last_known_good_until_max_staleness() {
     let st = &v.status()[0];
     assert!(!st.stale);
     assert_eq!(st.last_error, None);
+    let counts = v.fetch_counts()[0].1;
+    assert_eq!(counts.attempts - counts.failures, 2, "{counts:?}");
+    // Reconfiguring the issuer keeps its counts: they only grow.
+    v.set_issuers(vec![issuer(
+        "up",
+        "https://up.example",
+        jwks_url(&server),
+        &[Algorithm::ES256, Algorithm::RS256],
+    )]);
+    assert_eq!(v.fetch_counts()[0].1, counts);
 }
 
 #[tokio::test]

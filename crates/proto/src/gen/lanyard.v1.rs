@@ -2851,6 +2851,9 @@ pub struct WatchRequest {
     /// Event kind, e.g. "exchange.denied".
     #[prost(string, tag = "5")]
     pub kind: ::prost::alloc::string::String,
+    /// Only events about this subject token fingerprint ("hmac-sha256:...").
+    #[prost(string, tag = "6")]
+    pub subject_fingerprint: ::prost::alloc::string::String,
 }
 /// One audit event. Never contains a token, key or credential.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -2873,29 +2876,85 @@ pub struct AuditEvent {
     #[prost(string, tag = "6")]
     pub hash: ::prost::alloc::string::String,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct VerifyRequest {
-    /// Start after this sequence number (0 = genesis).
-    #[prost(int64, tag = "1")]
-    pub after_seq: i64,
+    /// Start from this signed checkpoint (compact JWS, as Checkpoint returned it) instead
+    /// of genesis. Its signature must verify and its event must still have its hash.
+    #[prost(string, tag = "2")]
+    pub from_checkpoint: ::prost::alloc::string::String,
+    /// Checkpoints kept outside lanyard. The chain must reach each and match it; this is
+    /// what catches a tail cut off together with the store's head record.
+    #[prost(string, repeated, tag = "3")]
+    pub known_checkpoints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct VerifyResponse {
-    /// True when every event checked is intact and linked.
+    /// True when the chain is intact.
     #[prost(bool, tag = "1")]
     pub ok: bool,
     /// How many events were checked.
     #[prost(int64, tag = "2")]
     pub checked: i64,
-    /// The last sequence number checked.
+    /// The last event proven intact.
     #[prost(int64, tag = "3")]
     pub head_seq: i64,
-    /// The first broken sequence number (0 when ok).
+    /// The first event that cannot be trusted (0 when ok).
     #[prost(int64, tag = "4")]
     pub first_broken_seq: i64,
-    /// What is wrong there: "hash mismatch", "gap", "prev_hash mismatch"...
+    /// What is wrong there, as a sentence.
     #[prost(string, tag = "5")]
     pub problem: ::prost::alloc::string::String,
+    /// What is wrong, as a stable name: "edited", "deleted", "reordered", "truncated",
+    /// "rewritten" (hashes recomputed, caught by a signed checkpoint), "bad_checkpoint",
+    /// "appended" (events beyond the store's head record). Empty when ok.
+    #[prost(string, tag = "6")]
+    pub problem_kind: ::prost::alloc::string::String,
+    /// The hash of head_seq.
+    #[prost(string, tag = "7")]
+    pub head_hash: ::prost::alloc::string::String,
+    /// Signed checkpoints verified (in the chain and given in the request).
+    #[prost(int64, tag = "8")]
+    pub checkpoints_verified: i64,
+    /// The last in-chain checkpoint that matched (0 if none).
+    #[prost(int64, tag = "9")]
+    pub last_checkpoint_seq: i64,
+    /// Verification started after this event (0 = genesis).
+    #[prost(int64, tag = "10")]
+    pub start_seq: i64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CheckpointRequest {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CheckpointResponse {
+    /// The event the checkpoint covers (the head when it was signed).
+    #[prost(int64, tag = "1")]
+    pub seq: i64,
+    /// That event's hash.
+    #[prost(string, tag = "2")]
+    pub head_hash: ::prost::alloc::string::String,
+    /// When it was signed.
+    #[prost(message, optional, tag = "3")]
+    pub time: ::core::option::Option<::prost_types::Timestamp>,
+    /// The checkpoint: a compact JWS (typ "lanyard-audit-checkpoint+jwt") signed with
+    /// lanyard's signing key; verify it against lanyard's JWKS.
+    #[prost(string, tag = "4")]
+    pub jws: ::prost::alloc::string::String,
+    /// The sequence number of the audit.checkpoint event that now carries it.
+    #[prost(int64, tag = "5")]
+    pub event_seq: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct FingerprintRequest {
+    /// The token to fingerprint. Not stored, not logged.
+    #[prost(string, tag = "1")]
+    pub token: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FingerprintResponse {
+    /// "hmac-sha256:" and 64 hex digits.
+    #[prost(string, tag = "1")]
+    pub fingerprint: ::prost::alloc::string::String,
 }
 /// Generated client implementations.
 #[cfg(feature = "client")]
@@ -3015,7 +3074,8 @@ pub mod audit_service_client {
                 .insert(GrpcMethod::new("lanyard.v1.AuditService", "Watch"));
             self.inner.server_streaming(req, path, codec).await
         }
-        /// Verify the hash chain from the start (or from a sequence number) to the head.
+        /// Prove the hash chain intact from genesis (or from a signed checkpoint) to the head,
+        /// or name the first broken event and what was done to it.
         pub async fn verify(
             &mut self,
             request: impl tonic::IntoRequest<super::VerifyRequest>,
@@ -3035,6 +3095,58 @@ pub mod audit_service_client {
             let mut req = request.into_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("lanyard.v1.AuditService", "Verify"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Sign the current head now and append the checkpoint to the chain. Auditors keep the
+        /// returned JWS outside lanyard: it later proves how far the chain reached.
+        pub async fn checkpoint(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CheckpointRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CheckpointResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AuditService/Checkpoint",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AuditService", "Checkpoint"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// The HMAC fingerprint of a token, as audit events carry it (the token itself never
+        /// appears). Lets an auditor holding a token find the events it was used in.
+        pub async fn fingerprint(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FingerprintRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FingerprintResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AuditService/Fingerprint",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AuditService", "Fingerprint"));
             self.inner.unary(req, path, codec).await
         }
     }
@@ -3065,11 +3177,30 @@ pub mod audit_service_server {
             &self,
             request: tonic::Request<super::WatchRequest>,
         ) -> std::result::Result<tonic::Response<Self::WatchStream>, tonic::Status>;
-        /// Verify the hash chain from the start (or from a sequence number) to the head.
+        /// Prove the hash chain intact from genesis (or from a signed checkpoint) to the head,
+        /// or name the first broken event and what was done to it.
         async fn verify(
             &self,
             request: tonic::Request<super::VerifyRequest>,
         ) -> std::result::Result<tonic::Response<super::VerifyResponse>, tonic::Status>;
+        /// Sign the current head now and append the checkpoint to the chain. Auditors keep the
+        /// returned JWS outside lanyard: it later proves how far the chain reached.
+        async fn checkpoint(
+            &self,
+            request: tonic::Request<super::CheckpointRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CheckpointResponse>,
+            tonic::Status,
+        >;
+        /// The HMAC fingerprint of a token, as audit events carry it (the token itself never
+        /// appears). Lets an auditor holding a token find the events it was used in.
+        async fn fingerprint(
+            &self,
+            request: tonic::Request<super::FingerprintRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FingerprintResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct AuditServiceServer<T> {
@@ -3223,6 +3354,96 @@ pub mod audit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = VerifySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AuditService/Checkpoint" => {
+                    #[allow(non_camel_case_types)]
+                    struct CheckpointSvc<T: AuditService>(pub Arc<T>);
+                    impl<
+                        T: AuditService,
+                    > tonic::server::UnaryService<super::CheckpointRequest>
+                    for CheckpointSvc<T> {
+                        type Response = super::CheckpointResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CheckpointRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AuditService>::checkpoint(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CheckpointSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AuditService/Fingerprint" => {
+                    #[allow(non_camel_case_types)]
+                    struct FingerprintSvc<T: AuditService>(pub Arc<T>);
+                    impl<
+                        T: AuditService,
+                    > tonic::server::UnaryService<super::FingerprintRequest>
+                    for FingerprintSvc<T> {
+                        type Response = super::FingerprintResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FingerprintRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AuditService>::fingerprint(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = FingerprintSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

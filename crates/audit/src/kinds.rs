@@ -1,0 +1,52 @@
+//! Every audit event kind lanyard writes. The strings are stable: auditors filter on
+//! them and SIEM rules match them.
+//!
+//! | kind | written when |
+//! |---|---|
+//! | `exchange.granted` | an exchange issued a credential |
+//! | `exchange.denied` | an exchange was refused (with the reason code) |
+//! | `grant.renewed` / `grant.renew_denied` | a renew succeeded / was refused |
+//! | `grant.released` / `grant.release_denied` | a release succeeded / was refused |
+//! | `revocation.requested`, `revocation.receipt` | revocation (written by `Revoke`) |
+//! | `issuer.put` / `issuer.delete` | an issuer was registered, changed or removed (before/after) |
+//! | `trust_rule.put` / `trust_rule.delete` | the same for trust rules |
+//! | `destination.put` / `destination.delete` | the same for destinations |
+//! | `policy.put` / `policy.activated` | policy versions (written by policy management) |
+//! | `signing_key.rotated` | lanyard's signing key was rotated |
+//! | `issuer.keys_fetch_failed` / `issuer.keys_fetch_recovered` | an issuer's keys could not be fetched / could again |
+//! | `admin.explain` | an operator asked for an explanation (no credential issued) |
+//! | `audit.checkpoint` | a signed checkpoint of the chain head |
+
+/// An exchange issued a credential.
+pub const EXCHANGE_GRANTED: &str = "exchange.granted";
+/// An exchange was refused.
+pub const EXCHANGE_DENIED: &str = "exchange.denied";
+/// A grant was renewed.
+pub const GRANT_RENEWED: &str = "grant.renewed";
+/// A renew was refused.
+pub const GRANT_RENEW_DENIED: &str = "grant.renew_denied";
+/// A grant was released by its holder.
+pub const GRANT_RELEASED: &str = "grant.released";
+/// A release was refused.
+pub const GRANT_RELEASE_DENIED: &str = "grant.release_denied";
+/// lanyard's signing key was rotated.
+pub const SIGNING_KEY_ROTATED: &str = "signing_key.rotated";
+/// An issuer's key set could not be fetched (written on the change from working to failing).
+pub const ISSUER_KEYS_FETCH_FAILED: &str = "issuer.keys_fetch_failed";
+/// An issuer's key set was fetched again after failures.
+pub const ISSUER_KEYS_FETCH_RECOVERED: &str = "issuer.keys_fetch_recovered";
+/// An operator ran Explain.
+pub const ADMIN_EXPLAIN: &str = "admin.explain";
+/// A signed checkpoint of the chain head.
+pub const AUDIT_CHECKPOINT: &str = "audit.checkpoint";
+
+/// The kind written when a configuration object of `kind` (`issuer`, `trust_rule`,
+/// `destination`) is put.
+pub fn config_put(kind: &str) -> String {
+    format!("{kind}.put")
+}
+
+/// The kind written when a configuration object of `kind` is deleted.
+pub fn config_delete(kind: &str) -> String {
+    format!("{kind}.delete")
+}
