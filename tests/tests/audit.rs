@@ -356,3 +356,54 @@ async fn issuer_key_fetch_failures_are_audited_once_each_way() {
         "one event per change, not per failed attempt: {kinds:?}"
     );
 }
+
+#[tokio::test]
+async fn lanyard_signs_periodic_checkpoints_into_the_chain() {
+    let issuer = lanyard_testkit::TestIssuer::start(KeyAlg::Es256).await;
+    let l = Lanyard::start(LanyardOptions {
+        policy: Some(POLICY.into()),
+        extra_config: "[audit]\ncheckpoint_interval = \"100ms\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    configure(&l, &issuer, Keys::Inline, KeyAlg::Es256, false).await;
+    let mut c = l.exchange().await;
+    c.exchange(exchange_req(
+        issuer.mint(&claims(&issuer, "builder", "r1")),
+        &["read"],
+    ))
+    .await
+    .unwrap();
+    let cp = eventually("an audit.checkpoint event", || async {
+        audit_events(&l)
+            .await
+            .into_iter()
+            .find(|e| e.kind == "audit.checkpoint")
+    })
+    .await;
+    let p = payload(&cp);
+    assert_eq!(
+        p["detail"]["seq"],
+        cp.seq - 1,
+        "it covers the head before it: {p}"
+    );
+    assert!(p["detail"]["jws"].as_str().unwrap().split('.').count() == 3);
+    // Nothing new, nothing signed: with no events since, no second checkpoint follows
+    // right behind the first.
+    let v = l
+        .audit()
+        .await
+        .verify(pb::VerifyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok, "{v:?}");
+    assert!(v.checkpoints_verified >= 1, "{v:?}");
+    let kinds: Vec<String> = audit_events(&l).await.into_iter().map(|e| e.kind).collect();
+    assert!(
+        !kinds
+            .windows(2)
+            .any(|w| w[0] == "audit.checkpoint" && w[1] == "audit.checkpoint"),
+        "a checkpoint is written only when events were written since the last: {kinds:?}"
+    );
+}

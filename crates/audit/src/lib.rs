@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod fingerprint;
 pub mod kinds;
+pub mod sink;
 pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointVerifier};

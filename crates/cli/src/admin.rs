@@ -349,6 +349,12 @@ pub fn destination_from_args(p: &DestinationPutArgs) -> anyhow::Result<pb::Desti
         labels: p.labels.iter().cloned().collect(),
         settings,
         revision: 0,
+        require_audit_sink: p.require_audit_sink.clone().unwrap_or_default(),
+        max_audit_lag: if p.require_audit_sink.is_some() {
+            p.max_audit_lag
+        } else {
+            0
+        },
     })
 }
 
@@ -357,6 +363,14 @@ fn destination_rows(d: &pb::Destination) -> Vec<(&'static str, String)> {
         ("name", d.name.clone()),
         ("kind", d.kind.clone()),
         ("scopes", joined(&d.scopes)),
+        (
+            "requires audit sink",
+            if d.require_audit_sink.is_empty() {
+                "-".into()
+            } else {
+                format!("{} (lag <= {})", d.require_audit_sink, d.max_audit_lag)
+            },
+        ),
         (
             "default ttl",
             output::human_duration(u64::from(d.default_ttl_seconds)),

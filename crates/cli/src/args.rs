@@ -397,6 +397,18 @@ pub struct DestinationPutArgs {
     /// Adapter settings as a JSON object, merged over --setting.
     #[arg(long, value_name = "JSON")]
     pub settings_json: Option<String>,
+    /// Fail closed on audit delivery: refuse exchanges while this audit sink (`file` or
+    /// `otlp`) is more than --max-audit-lag events behind, or not running.
+    #[arg(long, value_name = "SINK", value_parser = ["file", "otlp"])]
+    pub require_audit_sink: Option<String>,
+    /// Events the required sink may lag behind the chain head.
+    #[arg(
+        long,
+        value_name = "EVENTS",
+        default_value_t = 1000,
+        requires = "require_audit_sink"
+    )]
+    pub max_audit_lag: u32,
 }
 
 // === grants ===

@@ -91,6 +91,9 @@ reasons! {
     ConfigInvalid => "CONFIG_INVALID",
     /// The store could not be reached; nothing was changed.
     StoreUnavailable => "STORE_UNAVAILABLE",
+    /// The destination requires an audit sink that is behind (or not running); the
+    /// exchange is refused until it catches up.
+    AuditDeliveryLagging => "AUDIT_DELIVERY_LAGGING",
     /// The RPC is defined but not served by this version.
     Unimplemented => "UNIMPLEMENTED",
     /// An internal error; the server log has the cause.

@@ -64,7 +64,17 @@ pub struct DestinationSpec {
     /// Adapter-specific settings.
     #[serde(default)]
     pub settings: serde_json::Value,
+    /// Refuse exchanges while this audit sink (`file`, `otlp`) lags more than
+    /// [`DestinationSpec::max_audit_lag`] events, or is not running (fail closed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_audit_sink: Option<String>,
+    /// Events the required sink may lag behind the chain head.
+    #[serde(default)]
+    pub max_audit_lag: u64,
 }
+
+/// Audit sinks a destination may require (`[audit.file]`, `[audit.otlp]`).
+pub const AUDIT_SINKS: &[&str] = &["file", "otlp"];
 
 fn default_ttl() -> u64 {
     900
@@ -98,6 +108,13 @@ impl DestinationSpec {
         }
         for s in &self.scopes {
             Scope::parse(s).map_err(|e| bad(e.to_string()))?;
+        }
+        if let Some(sink) = &self.require_audit_sink
+            && !AUDIT_SINKS.contains(&sink.as_str())
+        {
+            return Err(bad(format!(
+                "require_audit_sink {sink:?} is not an audit sink; use one of {AUDIT_SINKS:?}"
+            )));
         }
         Ok(())
     }

@@ -1,17 +1,21 @@
 //! The audit stream's background work inside the server: periodic signed checkpoints,
 //! and events for issuer key fetches that start or stop failing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use lanyard_audit::checkpoint::{CHECKPOINT_TYP, Checkpoint};
 use lanyard_audit::kinds;
+use lanyard_audit::sink::file::FileSink;
+use lanyard_audit::sink::otlp::OtlpSink;
+use lanyard_audit::sink::{Sink, SinkRunner};
 use lanyard_core::ReasonCode;
 use lanyard_store::NewAuditEvent;
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::runtime::Runtime;
 
@@ -97,6 +101,66 @@ pub async fn checkpoints(
             Err(e) => tracing::warn!(error = %e.message, "writing an audit checkpoint failed"),
         }
     }
+}
+
+/// Start a runner for every configured audit sink, register where each stands (for
+/// destinations that require delivery) and keep the lag metric current.
+///
+/// # Errors
+/// When a sink cannot be set up (a malformed OTLP endpoint).
+pub fn start_sinks(
+    rt: &Arc<Runtime>,
+    cfg: &Config,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
+    if let Some(f) = &cfg.audit.file {
+        sinks.push(Arc::new(FileSink::new(
+            f.path.clone().into(),
+            f.max_bytes,
+            f.keep,
+        )));
+    }
+    if let Some(o) = &cfg.audit.otlp {
+        sinks.push(Arc::new(
+            OtlpSink::new(
+                &o.endpoint,
+                &o.service_name,
+                cfg.data_dir.join("audit-otlp.cursor"),
+                o.timeout,
+            )
+            .map_err(|e| anyhow::anyhow!("[audit.otlp]: {e}"))?,
+        ));
+    }
+    let mut statuses = BTreeMap::new();
+    for sink in sinks {
+        let name = sink.name().to_owned();
+        let (runner, status) = SinkRunner::new(rt.store.clone(), sink, rt.committer.subscribe());
+        statuses.insert(name, status);
+        tokio::spawn(runner.run(shutdown.clone()));
+    }
+    if statuses.is_empty() {
+        return Ok(());
+    }
+    match rt.audit_sinks.write() {
+        Ok(mut g) => g.clone_from(&statuses),
+        Err(p) => p.into_inner().clone_from(&statuses),
+    }
+    let rt = rt.clone();
+    let mut shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            for (name, st) in &statuses {
+                rt.metrics.set_audit_sink_lag(name, st.lag());
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Keep the `lanyard_audit_head_seq` gauge at the last sequence number this process

@@ -88,6 +88,55 @@ pub struct AuditConfig {
     /// events were written since the last one). `0s` turns periodic checkpoints off.
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
+    /// The JSON-lines file sink.
+    pub file: AuditFileConfig,
+    /// The OpenTelemetry logs sink.
+    pub otlp: AuditOtlpConfig,
+}
+
+/// `[audit.file]`: a copy of the stream as JSON lines, rotated by size.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditFileConfig {
+    /// The file (created mode 0600). Empty: no file sink.
+    pub path: String,
+    /// Rotate before the file would grow past this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (`<path>.1` is the newest).
+    pub keep: usize,
+}
+
+/// `[audit.otlp]`: the stream as OpenTelemetry log records over OTLP/gRPC.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditOtlpConfig {
+    /// OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`. Empty: no OTLP sink.
+    pub endpoint: String,
+    /// Per-export timeout.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// `service.name` of the log records' resource.
+    pub service_name: String,
+}
+
+impl Default for AuditFileConfig {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            max_bytes: 100 * 1024 * 1024,
+            keep: 10,
+        }
+    }
+}
+
+impl Default for AuditOtlpConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            timeout: Duration::from_secs(10),
+            service_name: "lanyard".into(),
+        }
+    }
 }
 
 /// `[listen]`
@@ -225,6 +274,8 @@ impl Default for AuditConfig {
         Self {
             hmac_key_file: String::new(),
             checkpoint_interval: Duration::from_secs(300),
+            file: AuditFileConfig::default(),
+            otlp: AuditOtlpConfig::default(),
         }
     }
 }
@@ -368,7 +419,20 @@ impl FileConfig {
                 PathBuf::from(&self.audit.hmac_key_file)
             },
             checkpoint_interval: self.audit.checkpoint_interval,
+            file: (!self.audit.file.path.is_empty()).then(|| self.audit.file.clone()),
+            otlp: (!self.audit.otlp.endpoint.is_empty()).then(|| self.audit.otlp.clone()),
         };
+        if let Some(o) = &audit.otlp
+            && !o.endpoint.starts_with("http://")
+        {
+            return Err(ConfigError::Invalid {
+                key: "audit.otlp.endpoint",
+                message: format!(
+                    "{:?} is not an http:// URL (TLS to the collector is not supported yet; use a local collector or sidecar)",
+                    o.endpoint
+                ),
+            });
+        }
         let admin_socket = if self.listen.admin_socket.is_empty() {
             self.data_dir.join("admin.sock")
         } else {
@@ -501,6 +565,10 @@ pub struct AuditSettings {
     pub hmac_key_file: PathBuf,
     /// Periodic checkpoints; zero = off.
     pub checkpoint_interval: Duration,
+    /// The file sink, when configured.
+    pub file: Option<AuditFileConfig>,
+    /// The OTLP logs sink, when configured.
+    pub otlp: Option<AuditOtlpConfig>,
 }
 
 /// `LANYARD_*` variables read by the CLI client or the test harness, not by `serve`.

@@ -168,6 +168,8 @@ pub fn destination_from_pb(d: pb::Destination) -> DestinationSpec {
             .settings
             .map(struct_to_json)
             .unwrap_or(serde_json::Value::Object(serde_json::Map::new())),
+        require_audit_sink: Some(d.require_audit_sink).filter(|s| !s.is_empty()),
+        max_audit_lag: u64::from(d.max_audit_lag),
     }
 }
 
@@ -185,6 +187,8 @@ pub fn destination_to_pb(s: &DestinationSpec, revision: i64) -> pb::Destination 
             _ => None,
         },
         revision,
+        require_audit_sink: s.require_audit_sink.clone().unwrap_or_default(),
+        max_audit_lag: u32::try_from(s.max_audit_lag).unwrap_or(u32::MAX),
     }
 }
 

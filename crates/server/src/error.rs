@@ -78,7 +78,10 @@ pub fn code_for(reason: ReasonCode) -> Code {
         | R::ClaimMissing
         | R::ClaimInvalid => Code::Unauthenticated,
         R::NoTrustRule | R::PolicyDenied | R::GrantMismatch => Code::PermissionDenied,
-        R::IssuerUnavailable | R::StoreUnavailable | R::DestinationFailed => Code::Unavailable,
+        R::IssuerUnavailable
+        | R::StoreUnavailable
+        | R::DestinationFailed
+        | R::AuditDeliveryLagging => Code::Unavailable,
         R::DestinationUnknown | R::GrantNotFound | R::NotFound => Code::NotFound,
         R::ScopeNotAllowed | R::TtlInvalid | R::InvalidArgument | R::ConfigInvalid => {
             Code::InvalidArgument

@@ -2,10 +2,11 @@
 //! destinations) loaded from the store, and the exchange, renew and release flows that
 //! the gRPC services call. Transport-free, so every flow is testable on its own.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use lanyard_audit::Fingerprinter;
+use lanyard_audit::sink::SinkStatus;
 use lanyard_core::{GrantId, ReasonCode, Scope, Secret, SharedClock, Ttl, WorkloadId};
 use lanyard_destination::{
     Destination, DestinationSpec, IssueRequest, Issued, Revocability, RevokeOutcome, RevokeRequest,
@@ -115,6 +116,8 @@ pub struct Runtime {
     pub trust_domain: String,
     /// Names tokens in audit events without containing them.
     pub fingerprinter: Arc<Fingerprinter>,
+    /// The audit sinks this server runs, by name, and where each stands.
+    pub audit_sinks: RwLock<BTreeMap<String, Arc<SinkStatus>>>,
     /// Prometheus metrics (`GET /metrics`), shared with background tasks.
     pub metrics: Arc<Metrics>,
     snapshot: RwLock<Arc<Snapshot>>,
@@ -146,6 +149,7 @@ impl Runtime {
             committer,
             trust_domain,
             fingerprinter,
+            audit_sinks: RwLock::new(BTreeMap::new()),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             reload_lock: tokio::sync::Mutex::new(()),
         }
@@ -236,6 +240,41 @@ impl Runtime {
             "configuration loaded"
         );
         Ok(true)
+    }
+
+    /// Whether exchanges for `spec` may proceed as far as audit delivery goes: the sink
+    /// it requires runs here and lags no more than it allows.
+    ///
+    /// # Errors
+    /// `AUDIT_DELIVERY_LAGGING` saying which sink and by how much.
+    fn audit_delivery_ok(&self, spec: &DestinationSpec) -> Result<(), ApiError> {
+        let Some(sink) = &spec.require_audit_sink else {
+            return Ok(());
+        };
+        let status = match self.audit_sinks.read() {
+            Ok(g) => g.get(sink).cloned(),
+            Err(p) => p.into_inner().get(sink).cloned(),
+        };
+        let Some(status) = status else {
+            return Err(ApiError::new(
+                ReasonCode::AuditDeliveryLagging,
+                format!(
+                    "destination {} requires the {sink:?} audit sink, which this server does not run",
+                    spec.name
+                ),
+            ));
+        };
+        let lag = status.lag();
+        if u64::try_from(lag).unwrap_or(0) > spec.max_audit_lag {
+            return Err(ApiError::new(
+                ReasonCode::AuditDeliveryLagging,
+                format!(
+                    "destination {} requires the {sink:?} audit sink to be at most {} events behind; it is {lag} behind, retry once it catches up",
+                    spec.name, spec.max_audit_lag
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The audit fingerprint of a presented token (`None` for an empty one).
@@ -369,6 +408,9 @@ impl Runtime {
             return Err(self
                 .deny(ev, ApiError::new(ReasonCode::PolicyDenied, msg))
                 .await);
+        }
+        if let Err(e) = self.audit_delivery_ok(&dest.spec) {
+            return Err(self.deny(ev, e).await);
         }
         let grant_id = GrantId::generate();
         let no_actors: [String; 0] = [];

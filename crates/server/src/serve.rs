@@ -350,6 +350,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     ));
     tokio::spawn(crate::audit::head_metric(rt.clone(), shutdown_rx.clone()));
+    crate::audit::start_sinks(&rt, &cfg, &shutdown_rx)?;
     tokio::spawn(crate::audit::issuer_key_events(
         rt.clone(),
         Duration::from_secs(2),

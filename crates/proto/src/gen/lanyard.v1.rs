@@ -894,6 +894,15 @@ pub struct Destination {
     /// Output only.
     #[prost(int64, tag = "8")]
     pub revision: i64,
+    /// Fail closed on audit delivery: refuse exchanges for this destination (reason
+    /// AUDIT_DELIVERY_LAGGING) while the named audit sink ("file" or "otlp") is more than
+    /// max_audit_lag events behind the chain head, or is not running on the server that
+    /// answers. They resume by themselves once it catches up. Empty: never wait.
+    #[prost(string, tag = "9")]
+    pub require_audit_sink: ::prost::alloc::string::String,
+    /// Events the required sink may lag behind the head (0 = fully caught up).
+    #[prost(uint32, tag = "10")]
+    pub max_audit_lag: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PutDestinationRequest {
