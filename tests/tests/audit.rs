@@ -147,9 +147,20 @@ async fn watch_follows_new_events_and_resumes_without_gaps_or_duplicates() {
     let first = take(&mut follow, 3).await;
     drop(follow);
 
-    // While nobody watches, more events are written, concurrently.
+    // One follower stays connected through the load below; the other reconnects later.
+    let mut live = audit
+        .watch(pb::WatchRequest {
+            after_seq: first.last().unwrap().seq,
+            follow: true,
+            kind: "exchange.granted".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // More events are written, concurrently.
     let mut tasks = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..200 {
         let mut c = c.clone();
         let t = token.clone();
         tasks.push(tokio::spawn(async move {
@@ -159,7 +170,7 @@ async fn watch_follows_new_events_and_resumes_without_gaps_or_duplicates() {
     for t in tasks {
         t.await.unwrap();
     }
-    // Resume after the last event seen: exactly the 20 new grants, in order, once each.
+    // Resume after the last event seen: exactly the 200 new grants, in order, once each.
     let resumed = take(
         &mut audit
             .watch(pb::WatchRequest {
@@ -171,13 +182,19 @@ async fn watch_follows_new_events_and_resumes_without_gaps_or_duplicates() {
             .await
             .unwrap()
             .into_inner(),
-        20,
+        200,
     )
     .await;
+    let live = take(&mut live, 200).await;
+    assert_eq!(
+        live.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        resumed.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        "the follower that stayed connected kept up with the load"
+    );
     let mut seqs: Vec<i64> = first.iter().chain(&resumed).map(|e| e.seq).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
     seqs.dedup();
-    assert_eq!(seqs.len(), 23, "no duplicates");
+    assert_eq!(seqs.len(), 203, "no duplicates");
     // Unfiltered, the whole stream has no gaps.
     let all: Vec<i64> = audit_events(&l).await.iter().map(|e| e.seq).collect();
     assert_eq!(all, (1..=all.len() as i64).collect::<Vec<_>>());

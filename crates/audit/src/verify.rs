@@ -29,7 +29,7 @@ use crate::kinds::AUDIT_CHECKPOINT;
 /// Events read per page.
 pub const DEFAULT_PAGE: u32 = 5000;
 /// Pages read ahead while one is being checked.
-const PREFETCH: usize = 2;
+const PREFETCH: usize = 3;
 /// How far a renumbered event is looked for when classifying a hash mismatch.
 const MAX_SHIFT: i64 = 64;
 
