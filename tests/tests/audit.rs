@@ -286,13 +286,7 @@ async fn verify_names_what_was_done_to_the_database() {
     let (ok, out, _) = cli_verify(&l, &[]).await;
     assert!(!ok, "{out}");
     assert!(out.contains("broken at seq 5 (edited)"), "{out}");
-    let r = l
-        .audit()
-        .await
-        .verify(pb::VerifyRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let r = verify_chain(&l).await;
     assert_eq!(
         (r.ok, r.first_broken_seq, r.problem_kind.as_str()),
         (false, 5, "edited")
@@ -407,13 +401,7 @@ async fn lanyard_signs_periodic_checkpoints_into_the_chain() {
     assert!(p["detail"]["jws"].as_str().unwrap().split('.').count() == 3);
     // Nothing new, nothing signed: with no events since, no second checkpoint follows
     // right behind the first.
-    let v = l
-        .audit()
-        .await
-        .verify(pb::VerifyRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let v = verify_chain(&l).await;
     assert!(v.ok, "{v:?}");
     assert!(v.checkpoints_verified >= 1, "{v:?}");
     let kinds: Vec<String> = audit_events(&l).await.into_iter().map(|e| e.kind).collect();

@@ -94,6 +94,9 @@ pub enum Command {
     /// lanyard's own signing keys (admin socket).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Versioned Cedar policy: put, get, history, diff, activate (admin socket).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Read and verify the audit stream (admin socket).
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -513,6 +516,53 @@ pub enum KeysCommand {
 }
 
 // === audit ===
+
+/// `lanyard policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Store a new version from a Cedar file ("-" for stdin). It is validated against
+    /// lanyard's schema; not in force until activated.
+    Put {
+        /// The policy file.
+        file: PathBuf,
+        /// Activate it in the same call.
+        #[arg(long)]
+        activate: bool,
+        /// Why it changed, kept with the version.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Print a version's text (default: the active one).
+    Get {
+        /// e.g. v3.
+        #[arg(value_name = "VERSION")]
+        name: Option<String>,
+    },
+    /// Every stored version, newest first; `*` marks the active one.
+    History,
+    /// A unified diff between two versions.
+    Diff {
+        /// The older version.
+        from: String,
+        /// The newer version.
+        to: String,
+    },
+    /// Replay the exchanges recorded in the audit stream against a proposed policy file
+    /// and report who would gain and who would lose which destination and scope.
+    DryRun {
+        /// The proposed policy ("-" for stdin).
+        file: PathBuf,
+        /// How far back to replay, e.g. 24h, 7d.
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+    },
+    /// Make a stored version the one in force, on every replica.
+    Activate {
+        /// e.g. v3.
+        #[arg(value_name = "VERSION")]
+        name: String,
+    },
+}
 
 /// `lanyard audit ...`
 #[derive(Debug, Subcommand)]

@@ -11,6 +11,7 @@ pub mod client;
 pub mod demo;
 pub mod dev_server;
 pub mod output;
+pub mod policy;
 pub mod serve;
 pub mod workload;
 
@@ -37,6 +38,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Grants(c) => admin::grants(g, c).await,
         Command::Explain(a) => admin::explain(g, a).await,
         Command::Keys(c) => admin::keys(g, c).await,
+        Command::Policy(c) => policy::policy(g, c).await,
         Command::Audit(c) => audit::audit(g, c).await,
         Command::Demo => demo::demo().await,
         Command::Bench(a) => bench::bench(g, a).await,

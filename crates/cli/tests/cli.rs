@@ -457,3 +457,46 @@ fn errors_carry_the_reason() {
         "error: cannot reach lanyard at http://127.0.0.1:1: is `lanyard serve` running?"
     );
 }
+
+#[test]
+fn policy_commands_parse() {
+    use lanyard_cli::args::PolicyCommand;
+    let Command::Policy(PolicyCommand::Put {
+        file,
+        activate,
+        comment,
+    }) = parse(&["policy", "put", "p.cedar", "--activate", "--comment", "why"])
+        .unwrap()
+        .command
+    else {
+        panic!("not policy put")
+    };
+    assert_eq!(file, std::path::PathBuf::from("p.cedar"));
+    assert!(activate);
+    assert_eq!(comment.as_deref(), Some("why"));
+    assert!(matches!(
+        parse(&["policy", "get"]).unwrap().command,
+        Command::Policy(PolicyCommand::Get { name: None })
+    ));
+    assert!(matches!(
+        parse(&["policy", "activate", "v3"]).unwrap().command,
+        Command::Policy(PolicyCommand::Activate { name }) if name == "v3"
+    ));
+    assert!(matches!(
+        parse(&["policy", "diff", "v1", "v2"]).unwrap().command,
+        Command::Policy(PolicyCommand::Diff { from, to }) if from == "v1" && to == "v2"
+    ));
+    let Command::Policy(PolicyCommand::DryRun { since, .. }) =
+        parse(&["policy", "dry-run", "p.cedar", "--since", "7d"])
+            .unwrap()
+            .command
+    else {
+        panic!("not policy dry-run")
+    };
+    assert_eq!(since.as_secs(), 7 * 86_400);
+    assert!(parse(&["policy", "dry-run", "p.cedar", "--since", "soon"]).is_err());
+    assert!(
+        parse(&["policy", "activate"]).is_err(),
+        "a version is required"
+    );
+}

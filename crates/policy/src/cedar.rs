@@ -1,98 +1,356 @@
-//! [`CedarAuthorizer`]: decisions by a Cedar policy set.
+//! [`CedarAuthorizer`]: decisions by a Cedar policy set, validated against lanyard's
+//! schema ([`SCHEMA`], `src/lanyard.cedarschema`; docs/policy.md explains it with examples).
 //!
 //! # Entity model
 //! - principal `Lanyard::Workload::"<workload id>"` with
 //!   - `id: String`, the workload ID (`principal.id like "spiffe://lanyard.local/k8s/*"`),
 //!   - `issuer: String`, the name of the issuer that proved it,
-//!   - `claims: Record`, the verified subject-token claims. Strings, booleans and
-//!     integers keep their type, arrays become sets, objects become records; floats,
-//!     `null` and integers beyond `i64` are dropped. Any key is reachable with
-//!     `principal.claims["kubernetes.io"]`; guard optional claims with
-//!     `principal.claims has "x"`.
-//! - action `Lanyard::Action::"exchange"` or `Lanyard::Action::"renew"`.
-//! - resource `Lanyard::Destination::"<name>"` with `name: String`, `kind: String`,
-//!   `labels: Record` (string values).
+//!   - `claims: Claims`, the verified subject-token claims the schema declares
+//!     (registered JWT claims, the Kubernetes `kubernetes.io` record, GitHub Actions
+//!     claims, common OIDC claims). All are optional, so policies guard them:
+//!     `principal.claims has environment && principal.claims.environment == "production"`.
+//!     A claim whose value does not have the declared type is left out (as if absent); a
+//!     nested record missing a required field (e.g. `kubernetes.io` without `namespace`)
+//!     is left out whole. `aud` is always a set, even when the token carries one string.
+//!   - tags: every top-level claim whose value is a string, boolean or number, as a
+//!     string (`"true"`, `"42"`), declared or not:
+//!     `principal.hasTag("team") && principal.getTag("team") == "payments"`.
+//! - action `Lanyard::Action::"exchange"`, `"renew"`, or `"act_for"` (declared for
+//!   delegation; lanyard does not ask it yet).
+//! - resource `Lanyard::Destination::"<name>"` with `name: String`, `kind: String`; its
+//!   labels are its tags (`resource.hasTag("env") && resource.getTag("env") == "prod"`).
 //! - context `{scopes: Set<String>, ttl_secs: Long, task_id: String ("" if none),
-//!   now: Long, issuer: String}`.
+//!   now: Long, now_hour_utc: Long (0-23), now_weekday_utc: Long (ISO, 1 = Monday to
+//!   7 = Sunday), issuer: String, token_source: String (the issuer's name),
+//!   delegation_depth: Long (0 until delegation exists)}`.
+//!
+//! [`CedarAuthorizer::build`](CedarAuthorizer) produces exactly this shape; a test checks
+//! it against the schema with Cedar's own entity and request validation.
+//!
+//! # Loading
+//! A policy set is parsed, then validated against the schema in strict mode; any parse or
+//! validation error refuses the whole set with Cedar's diagnostics (line, column,
+//! problem). A permit may carry `@max_ttl_secs("600")`, a positive whole number of
+//! seconds; any other value, or the annotation on a forbid, is refused.
 //!
 //! # Decisions
 //! Default deny: allowed only if some `permit` is satisfied and no `forbid` is. An
 //! evaluation error never allows anything: a `permit` that errors grants nothing (as in
 //! Cedar), and a `forbid` that errors **denies**, as if it were satisfied, so a forbid
 //! cannot be sidestepped by a token that lacks the claim it reads. Either way the error is
-//! reported in [`Decision::errors`].
+//! reported in [`Decision::errors`]. [`Decision::max_ttl_secs`] is the smallest
+//! `@max_ttl_secs` among the permits that allowed the request.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use cedar_policy::{
-    Context, Decision as CedarDecision, Effect, Entities, Entity, EntityId, EntityTypeName,
-    EntityUid, PolicyId, PolicySet, Request, RestrictedExpression,
+    ActionConstraint, Context, Decision as CedarDecision, Effect, Entities, Entity, EntityId,
+    EntityTypeName, EntityUid, PolicyId, PolicySet, Request, ResourceConstraint,
+    RestrictedExpression, Schema, SchemaFragment, ValidationMode, ValidationWarning, Validator,
 };
-use miette::Diagnostic as _;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::{Authorizer, Decision, DecisionRequest, PolicyError, Result};
+use crate::{Action, Authorizer, Decision, DecisionRequest, PolicyError, Result};
 
 /// Cedar namespace of lanyard's entity types.
 pub const NAMESPACE: &str = "Lanyard";
-/// Claims nested deeper than this are dropped.
-pub const MAX_CLAIM_DEPTH: usize = 16;
+/// The Cedar schema (human-readable syntax) every policy set is validated against.
+pub const SCHEMA: &str = include_str!("lanyard.cedarschema");
+/// The annotation that caps the TTL a permit grants, in seconds.
+pub const MAX_TTL_ANNOTATION: &str = "max_ttl_secs";
 
-/// A Cedar policy set of one version.
+/// The parsed [`SCHEMA`].
+pub fn schema() -> &'static Schema {
+    &model().schema
+}
+
+/// Check `text` as [`CedarAuthorizer::from_text`] would load it: parse, validate against
+/// the schema (strict), check IDs and annotations.
+///
+/// # Errors
+/// As [`CedarAuthorizer::from_text`].
+pub fn validate(text: &str) -> Result<()> {
+    load(text).map(|_| ())
+}
+
+// === the schema, parsed once ===
+
+/// The schema, its validator, and the shape of `principal.claims` read from it, so that
+/// `build` follows the schema file rather than a second copy of it.
+struct Model {
+    schema: Schema,
+    validator: Validator,
+    claims: RecordShape,
+}
+
+#[allow(
+    clippy::expect_used,
+    reason = "SCHEMA is a compile-time constant; schema_loads tests that it loads"
+)]
+fn model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| Model::load().expect("the embedded Cedar schema is valid"))
+}
+
+impl Model {
+    fn load() -> std::result::Result<Self, String> {
+        let (schema, _) = Schema::from_cedarschema_str(SCHEMA).map_err(|e| e.to_string())?;
+        let (fragment, _) =
+            SchemaFragment::from_cedarschema_str(SCHEMA).map_err(|e| e.to_string())?;
+        let json = fragment.to_json_value().map_err(|e| e.to_string())?;
+        let ns = &json[NAMESPACE];
+        let common = ns["commonTypes"].as_object().cloned().unwrap_or_default();
+        let claims = &ns["entityTypes"]["Workload"]["shape"]["attributes"]["claims"];
+        let Shape::Record(claims) = Shape::from_json(claims, &common, 0)? else {
+            return Err("Workload.claims is not a record".into());
+        };
+        Ok(Self {
+            validator: Validator::new(schema.clone()),
+            schema,
+            claims,
+        })
+    }
+}
+
+/// A Cedar attribute type, as far as claims need one.
+#[derive(Debug)]
+enum Shape {
+    String,
+    Long,
+    Bool,
+    Set(Box<Shape>),
+    Record(RecordShape),
+}
+
+#[derive(Debug)]
+struct RecordShape {
+    /// Attribute name to (type, required).
+    fields: HashMap<String, (Shape, bool)>,
+    required: usize,
+}
+
+impl Shape {
+    /// The shape of a type in Cedar's JSON schema format.
+    fn from_json(
+        ty: &Value,
+        common: &Map<String, Value>,
+        depth: usize,
+    ) -> std::result::Result<Self, String> {
+        if depth > 32 {
+            return Err("schema types nest too deeply".into());
+        }
+        let prim = |name: &str| match name.strip_prefix("__cedar::").unwrap_or(name) {
+            "String" => Some(Shape::String),
+            "Long" => Some(Shape::Long),
+            "Bool" | "Boolean" => Some(Shape::Bool),
+            _ => None,
+        };
+        match ty["type"].as_str().unwrap_or_default() {
+            "Set" => Ok(Shape::Set(Box::new(Shape::from_json(
+                &ty["element"],
+                common,
+                depth + 1,
+            )?))),
+            "Record" => {
+                let mut fields = HashMap::new();
+                let mut required = 0;
+                for (name, attr) in ty["attributes"].as_object().into_iter().flatten() {
+                    let req = attr["required"].as_bool().unwrap_or(true);
+                    required += usize::from(req);
+                    fields.insert(
+                        name.clone(),
+                        (Shape::from_json(attr, common, depth + 1)?, req),
+                    );
+                }
+                Ok(Shape::Record(RecordShape { fields, required }))
+            }
+            "EntityOrCommon" | "CommonType" => {
+                let name = ty["name"].as_str().unwrap_or_default();
+                let local = name
+                    .strip_prefix(NAMESPACE)
+                    .and_then(|n| n.strip_prefix("::"))
+                    .unwrap_or(name);
+                match common.get(local) {
+                    Some(def) => Shape::from_json(def, common, depth + 1),
+                    None => prim(name).ok_or_else(|| format!("unsupported claim type {name}")),
+                }
+            }
+            other => prim(other).ok_or_else(|| format!("unsupported claim type {other}")),
+        }
+    }
+
+    /// `v` as a value of this shape, or `None` if it does not fit.
+    fn project(&self, v: &Value) -> Option<RestrictedExpression> {
+        match (self, v) {
+            (Shape::String, Value::String(s)) => Some(string(s)),
+            (Shape::Long, Value::Number(n)) => n.as_i64().map(RestrictedExpression::new_long),
+            (Shape::Bool, Value::Bool(b)) => Some(RestrictedExpression::new_bool(*b)),
+            (Shape::Set(elem), Value::Array(items)) => Some(RestrictedExpression::new_set(
+                items.iter().filter_map(|item| elem.project(item)),
+            )),
+            // A single value where a set is declared (`aud: "x"`) is a one-element set.
+            (Shape::Set(elem), one) => elem
+                .project(one)
+                .map(|e| RestrictedExpression::new_set([e])),
+            (Shape::Record(rec), Value::Object(map)) => rec.project(map),
+            _ => None,
+        }
+    }
+}
+
+impl RecordShape {
+    /// The declared fields of `map` that fit; `None` if a required field is missing or
+    /// does not fit.
+    fn project(&self, map: &Map<String, Value>) -> Option<RestrictedExpression> {
+        let mut out = Vec::with_capacity(map.len().min(self.fields.len()));
+        let mut required = 0;
+        for (k, v) in map {
+            let Some((shape, req)) = self.fields.get(k) else {
+                continue;
+            };
+            if let Some(e) = shape.project(v) {
+                required += usize::from(*req);
+                out.push((k.clone(), e));
+            }
+        }
+        if required < self.required {
+            return None;
+        }
+        RestrictedExpression::new_record(out).ok()
+    }
+}
+
+// === impl CedarAuthorizer ===
+
+/// A Cedar policy set of one version, validated against [`SCHEMA`].
 #[derive(Debug, Clone)]
 pub struct CedarAuthorizer {
     policies: PolicySet,
+    /// The same policies, sliced so that a decision evaluates only those that can apply.
+    slices: Slices,
+    /// `@max_ttl_secs` of the permits that carry it, by policy ID.
+    ttl_caps: HashMap<String, u64>,
     version: String,
+    cedar: cedar_policy::Authorizer,
     workload_type: EntityTypeName,
     action_type: EntityTypeName,
     destination_type: EntityTypeName,
 }
 
+/// A parsed, validated policy set and its TTL caps.
+fn load(text: &str) -> Result<(PolicySet, HashMap<String, u64>)> {
+    let parsed = PolicySet::from_str(text).map_err(|errs| PolicyError::Parse {
+        message: render_errors(text, errs.iter()),
+    })?;
+    if parsed.templates().next().is_some() {
+        return Err(PolicyError::Parse {
+            message: "templates (policies with ?principal or ?resource slots) are not supported"
+                .into(),
+        });
+    }
+    let mut policies = PolicySet::new();
+    let mut seen = HashSet::new();
+    let mut ttl_caps = HashMap::new();
+    for policy in parsed.policies() {
+        let policy = match policy.annotation("id") {
+            Some("") => {
+                return Err(PolicyError::Parse {
+                    message: format!("policy {} has an empty @id", policy.id()),
+                });
+            }
+            Some(id) => policy.new_id(PolicyId::new(id)),
+            None => policy.clone(),
+        };
+        let id = policy.id().to_string();
+        if !seen.insert(id.clone()) {
+            return Err(PolicyError::DuplicateId(id));
+        }
+        if let Some(value) = policy.annotation(MAX_TTL_ANNOTATION) {
+            if policy.effect() == Effect::Forbid {
+                return Err(PolicyError::Parse {
+                    message: format!(
+                        "policy {id}: @{MAX_TTL_ANNOTATION} applies to permit policies only"
+                    ),
+                });
+            }
+            ttl_caps.insert(
+                id.clone(),
+                parse_ttl_cap(value).ok_or_else(|| PolicyError::Parse {
+                    message: format!(
+                        "policy {id}: @{MAX_TTL_ANNOTATION}({value:?}) is not a positive whole \
+                         number of seconds"
+                    ),
+                })?,
+            );
+        }
+        policies
+            .add(policy)
+            .map_err(|_| PolicyError::DuplicateId(id))?;
+    }
+    let result = model()
+        .validator
+        .validate(&policies, ValidationMode::Strict);
+    // Some warnings are refused too: a policy that can never apply is a mistake (often a
+    // claim the schema does not declare: `principal.claims has mfa` is always false), and
+    // bidirectional-text characters can make a policy read other than it evaluates.
+    let (refused, warnings): (Vec<_>, Vec<_>) = result.validation_warnings().partition(|w| {
+        matches!(
+            w,
+            ValidationWarning::ImpossiblePolicy(_)
+                | ValidationWarning::InvalidActionApplication(_)
+                | ValidationWarning::BidiCharsInString(_)
+                | ValidationWarning::BidiCharsInIdentifier(_)
+        )
+    });
+    if !result.validation_passed() || !refused.is_empty() {
+        let mut message = String::from("does not validate against the lanyard schema:");
+        for part in [
+            render_errors(text, result.validation_errors()),
+            render_errors(text, refused.into_iter()),
+        ] {
+            if !part.is_empty() {
+                message.push('\n');
+                message.push_str(&part);
+            }
+        }
+        return Err(PolicyError::Parse { message });
+    }
+    for warning in warnings {
+        tracing::warn!(%warning, "policy validation warning");
+    }
+    Ok((policies, ttl_caps))
+}
+
+/// A `@max_ttl_secs` value: ASCII digits, at least 1.
+fn parse_ttl_cap(value: &str) -> Option<u64> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok().filter(|secs| *secs > 0)
+}
+
 impl CedarAuthorizer {
-    /// Parse `text` as a Cedar policy set labelled `version`. Policies take their ID from
-    /// an `@id("...")` annotation when present.
+    /// Parse `text` as a Cedar policy set labelled `version` and validate it against
+    /// [`SCHEMA`] in strict mode. Policies take their ID from an `@id("...")` annotation
+    /// when present.
     ///
     /// # Errors
     /// [`PolicyError::Parse`] with Cedar's diagnostics (line, column, problem) if the text
-    /// does not parse or contains templates; [`PolicyError::DuplicateId`].
+    /// does not parse, does not validate against the schema, contains templates, or has a
+    /// malformed `@max_ttl_secs`; [`PolicyError::DuplicateId`].
     pub fn from_text(text: &str, version: &str) -> Result<Self> {
-        let parsed = PolicySet::from_str(text).map_err(|errs| PolicyError::Parse {
-            message: render_parse_errors(text, &errs),
-        })?;
-        if parsed.templates().next().is_some() {
-            return Err(PolicyError::Parse {
-                message:
-                    "templates (policies with ?principal or ?resource slots) are not supported"
-                        .into(),
-            });
-        }
-        let mut policies = PolicySet::new();
-        let mut seen = HashSet::new();
-        for policy in parsed.policies() {
-            let policy = match policy.annotation("id") {
-                Some("") => {
-                    return Err(PolicyError::Parse {
-                        message: format!("policy {} has an empty @id", policy.id()),
-                    });
-                }
-                Some(id) => policy.new_id(PolicyId::new(id)),
-                None => policy.clone(),
-            };
-            let id = policy.id().to_string();
-            if !seen.insert(id.clone()) {
-                return Err(PolicyError::DuplicateId(id));
-            }
-            policies
-                .add(policy)
-                .map_err(|_| PolicyError::DuplicateId(id))?;
-        }
+        let (policies, ttl_caps) = load(text)?;
         Ok(Self {
+            slices: Slices::new(&policies)?,
             policies,
+            ttl_caps,
             version: version.to_owned(),
+            cedar: cedar_policy::Authorizer::new(),
             workload_type: type_name("Workload")?,
             action_type: type_name("Action")?,
             destination_type: type_name("Destination")?,
@@ -136,40 +394,54 @@ impl CedarAuthorizer {
         EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
     }
 
-    /// The Cedar request and entities for `req`.
-    fn build(&self, req: &DecisionRequest<'_>) -> std::result::Result<(Request, Entities), String> {
+    /// The Cedar request and entities for `req`. With `schema`, Cedar checks both against
+    /// it (tests do; the hot path does not, since the shapes are built to conform).
+    fn build(
+        &self,
+        req: &DecisionRequest<'_>,
+        schema: Option<&Schema>,
+    ) -> std::result::Result<(Request, Entities), String> {
         let principal = self.uid(&self.workload_type, req.workload_id);
         let action = self.uid(&self.action_type, req.action.as_str());
         let resource = self.uid(&self.destination_type, req.destination);
 
-        let claims =
-            record(req.claims, 0).map_err(|e| format!("building the principal's claims: {e}"))?;
-        let workload = Entity::new(
+        let claims = model()
+            .claims
+            .project(req.claims)
+            .ok_or("building the principal's claims")?;
+        let tags = req.claims.iter().filter_map(|(k, v)| {
+            let s = match v {
+                Value::String(s) => s.clone(),
+                Value::Bool(b) => b.to_string(),
+                Value::Number(n) => n.to_string(),
+                _ => return None,
+            };
+            Some((k.clone(), RestrictedExpression::new_string(s)))
+        });
+        let workload = Entity::new_with_tags(
             principal.clone(),
-            HashMap::from([
+            [
                 ("id".to_owned(), string(req.workload_id)),
                 ("issuer".to_owned(), string(req.issuer)),
                 ("claims".to_owned(), claims),
-            ]),
-            HashSet::new(),
+            ],
+            [],
+            tags,
         )
         .map_err(|e| format!("building the principal: {e}"))?;
-        let labels = RestrictedExpression::new_record(
+        let destination = Entity::new_with_tags(
+            resource.clone(),
+            [
+                ("name".to_owned(), string(req.destination)),
+                ("kind".to_owned(), string(req.destination_kind)),
+            ],
+            [],
             req.destination_labels
                 .iter()
                 .map(|(k, v)| (k.clone(), string(v))),
         )
-        .map_err(|e| format!("building the destination labels: {e}"))?;
-        let destination = Entity::new(
-            resource.clone(),
-            HashMap::from([
-                ("name".to_owned(), string(req.destination)),
-                ("kind".to_owned(), string(req.destination_kind)),
-                ("labels".to_owned(), labels),
-            ]),
-            HashSet::new(),
-        )
         .map_err(|e| format!("building the resource: {e}"))?;
+        let long = RestrictedExpression::new_long;
         let context = Context::from_pairs([
             (
                 "scopes".to_owned(),
@@ -177,16 +449,20 @@ impl CedarAuthorizer {
             ),
             (
                 "ttl_secs".to_owned(),
-                RestrictedExpression::new_long(i64::try_from(req.ttl_secs).unwrap_or(i64::MAX)),
+                long(i64::try_from(req.ttl_secs).unwrap_or(i64::MAX)),
             ),
             ("task_id".to_owned(), string(req.task_id.unwrap_or(""))),
-            ("now".to_owned(), RestrictedExpression::new_long(req.now)),
+            ("now".to_owned(), long(req.now)),
+            ("now_hour_utc".to_owned(), long(hour_utc(req.now))),
+            ("now_weekday_utc".to_owned(), long(weekday_utc(req.now))),
             ("issuer".to_owned(), string(req.issuer)),
+            ("token_source".to_owned(), string(req.issuer)),
+            ("delegation_depth".to_owned(), long(0)),
         ])
         .map_err(|e| format!("building the context: {e}"))?;
-        let request = Request::new(principal, action, resource, context, None)
+        let request = Request::new(principal, action, resource, context, schema)
             .map_err(|e| format!("building the request: {e}"))?;
-        let entities = Entities::from_entities([workload, destination], None)
+        let entities = Entities::from_entities([workload, destination], schema)
             .map_err(|e| format!("building the entities: {e}"))?;
         Ok((request, entities))
     }
@@ -197,60 +473,135 @@ impl CedarAuthorizer {
             policy_version: self.version.clone(),
             determining_policies: determining,
             errors,
+            max_ttl_secs: None,
         }
     }
 }
 
 impl Authorizer for CedarAuthorizer {
     fn decide(&self, req: &DecisionRequest<'_>) -> Decision {
-        let (request, entities) = match self.build(req) {
+        let (request, entities) = match self.build(req, None) {
             Ok(built) => built,
             Err(e) => {
                 tracing::warn!(error = %e, "policy request could not be built; denying");
                 return self.deny(Vec::new(), vec![e]);
             }
         };
-        let response =
-            cedar_policy::Authorizer::new().is_authorized(&request, &self.policies, &entities);
-        let diagnostics = response.diagnostics();
-
+        // Evaluate the slices that can apply and combine them as Cedar would one set:
+        // any satisfied (or failed) forbid denies; otherwise any satisfied permit allows.
+        let mut permits = Vec::new();
+        let mut forbids = Vec::new();
         let mut errors = Vec::new();
-        let mut failed_forbids = Vec::new();
-        for err in diagnostics.errors() {
-            let cedar_policy::AuthorizationError::PolicyEvaluationError(e) = err;
-            let id = e.policy_id();
-            if self.policies.policy(id).map(|p| p.effect()) == Some(Effect::Forbid) {
-                failed_forbids.push(id.to_string());
+        for set in self.slices.for_request(req.action, req.destination) {
+            let response = self.cedar.is_authorized(&request, set, &entities);
+            let diagnostics = response.diagnostics();
+            for err in diagnostics.errors() {
+                let cedar_policy::AuthorizationError::PolicyEvaluationError(e) = err;
+                let id = e.policy_id();
+                if set.policy(id).map(|p| p.effect()) == Some(Effect::Forbid) {
+                    forbids.push(id.to_string());
+                }
+                errors.push(err.to_string());
             }
-            errors.push(err.to_string());
+            // Cedar's reason: the satisfied permits when it allows, the satisfied forbids
+            // when it denies (none for a default deny).
+            let reason = diagnostics.reason().map(ToString::to_string);
+            match response.decision() {
+                CedarDecision::Allow => permits.extend(reason),
+                CedarDecision::Deny => forbids.extend(reason),
+            }
         }
-        let mut reason: Vec<String> = diagnostics.reason().map(ToString::to_string).collect();
-        reason.sort();
-
-        match response.decision() {
-            CedarDecision::Allow if failed_forbids.is_empty() => Decision {
-                allowed: true,
-                policy_version: self.version.clone(),
-                determining_policies: reason,
-                errors,
-            },
-            CedarDecision::Allow => {
-                failed_forbids.sort();
-                self.deny(failed_forbids, errors)
-            }
-            CedarDecision::Deny => {
-                // `reason` holds the satisfied forbids; add forbids that failed.
-                reason.extend(failed_forbids);
-                reason.sort();
-                reason.dedup();
-                self.deny(reason, errors)
-            }
+        if !forbids.is_empty() {
+            forbids.sort();
+            forbids.dedup();
+            return self.deny(forbids, errors);
+        }
+        if permits.is_empty() {
+            return self.deny(Vec::new(), errors);
+        }
+        permits.sort();
+        Decision {
+            allowed: true,
+            policy_version: self.version.clone(),
+            max_ttl_secs: permits
+                .iter()
+                .filter_map(|id| self.ttl_caps.get(id))
+                .min()
+                .copied(),
+            determining_policies: permits,
+            errors,
         }
     }
 
     fn version(&self) -> String {
         self.version.clone()
     }
+}
+
+// === impl Slices ===
+
+/// The policy set split by action and by the destination a policy's scope names.
+///
+/// ## Why
+/// Cedar evaluates every policy of a set on every request, and each evaluation copies
+/// the policy's condition, so the cost grows with the whole set. A policy whose scope
+/// says `resource == Lanyard::Destination::"x"` (or `action == ...`) is false, without
+/// error, for any other destination (or action), so leaving it out of those requests'
+/// sets changes no decision: the slices evaluated for one request hold exactly the
+/// policies whose scope can match it.
+#[derive(Debug, Clone, Default)]
+struct Slices {
+    /// Per action: policies whose resource scope names no single destination.
+    any_destination: [PolicySet; ACTIONS.len()],
+    /// Per destination named in a resource scope, per action: those policies.
+    by_destination: HashMap<String, [PolicySet; ACTIONS.len()]>,
+}
+
+const ACTIONS: [Action; 3] = [Action::Exchange, Action::Renew, Action::ActFor];
+
+impl Slices {
+    fn new(policies: &PolicySet) -> Result<Self> {
+        let mut slices = Slices::default();
+        for policy in policies.policies() {
+            let applies = |action: Action| match policy.action_constraint() {
+                ActionConstraint::Any => true,
+                ActionConstraint::Eq(uid) => is_action(&uid, action),
+                ActionConstraint::In(uids) => uids.iter().any(|uid| is_action(uid, action)),
+            };
+            let destination = match policy.resource_constraint() {
+                ResourceConstraint::Eq(uid)
+                | ResourceConstraint::In(uid)
+                | ResourceConstraint::IsIn(_, uid) => Some(uid.id().unescaped().to_owned()),
+                ResourceConstraint::Any | ResourceConstraint::Is(_) => None,
+            };
+            let sets = match destination {
+                Some(name) => slices.by_destination.entry(name).or_default(),
+                None => &mut slices.any_destination,
+            };
+            for (i, action) in ACTIONS.into_iter().enumerate() {
+                if applies(action) {
+                    sets[i]
+                        .add(policy.clone())
+                        .map_err(|_| PolicyError::DuplicateId(policy.id().to_string()))?;
+                }
+            }
+        }
+        Ok(slices)
+    }
+
+    /// The sets to evaluate for `action` on `destination`: at most two, none empty.
+    fn for_request(&self, action: Action, destination: &str) -> impl Iterator<Item = &PolicySet> {
+        let i = ACTIONS.iter().position(|a| *a == action).unwrap_or(0);
+        std::iter::once(&self.any_destination[i])
+            .chain(self.by_destination.get(destination).map(|sets| &sets[i]))
+            .filter(|set| !set.is_empty())
+    }
+}
+
+/// Whether `uid` is `Lanyard::Action::"<action>"`.
+fn is_action(uid: &EntityUid, action: Action) -> bool {
+    uid.id().unescaped() == action.as_str()
+        && uid.type_name().to_string() == format!("{NAMESPACE}::Action")
 }
 
 fn type_name(ty: &str) -> Result<EntityTypeName> {
@@ -263,54 +614,47 @@ fn string(s: &str) -> RestrictedExpression {
     RestrictedExpression::new_string(s.to_owned())
 }
 
-/// A JSON object as a Cedar record, dropping values Cedar cannot hold.
-fn record(
-    map: &serde_json::Map<String, Value>,
-    depth: usize,
-) -> std::result::Result<RestrictedExpression, String> {
-    let fields = map
-        .iter()
-        .filter_map(|(k, v)| value(v, depth + 1).map(|e| (k.clone(), e)));
-    RestrictedExpression::new_record(fields).map_err(|e| e.to_string())
+/// Hour of the day (0-23, UTC) of Unix time `now`.
+fn hour_utc(now: i64) -> i64 {
+    now.rem_euclid(86_400) / 3_600
 }
 
-fn value(v: &Value, depth: usize) -> Option<RestrictedExpression> {
-    if depth > MAX_CLAIM_DEPTH {
-        return None;
-    }
-    match v {
-        Value::String(s) => Some(string(s)),
-        Value::Bool(b) => Some(RestrictedExpression::new_bool(*b)),
-        Value::Number(n) => n.as_i64().map(RestrictedExpression::new_long),
-        Value::Array(items) => Some(RestrictedExpression::new_set(
-            items.iter().filter_map(|item| value(item, depth + 1)),
-        )),
-        Value::Object(map) => record(map, depth).ok(),
-        Value::Null => None,
-    }
+/// ISO weekday (1 = Monday to 7 = Sunday, UTC) of Unix time `now`. 1970-01-01 was a
+/// Thursday.
+fn weekday_utc(now: i64) -> i64 {
+    (now.div_euclid(86_400) + 3).rem_euclid(7) + 1
 }
 
-/// Every parse error with its line and column, one per line.
-fn render_parse_errors(text: &str, errs: &cedar_policy::ParseErrors) -> String {
-    let mut out = String::new();
-    for (i, err) in errs.iter().enumerate() {
-        if i > 0 {
-            out.push('\n');
-        }
-        let offset = err
-            .labels()
-            .and_then(|mut labels| labels.next())
-            .map(|label| label.offset());
-        if let Some(offset) = offset {
-            let (line, col) = line_col(text, offset);
-            let _ = write!(out, "line {line}, column {col}: ");
-        }
-        let _ = write!(out, "{err}");
-        if let Some(help) = err.help() {
-            let _ = write!(out, " ({help})");
-        }
-    }
-    out
+/// Every error (parse or validation) with its line and column, one per line, in text
+/// order.
+fn render_errors<'e, E>(text: &str, errs: impl Iterator<Item = &'e E>) -> String
+where
+    E: miette::Diagnostic + 'e,
+{
+    let mut lines: Vec<(usize, String)> = errs
+        .map(|err| {
+            let offset = err
+                .labels()
+                .and_then(|mut labels| labels.next())
+                .map(|label| label.offset());
+            let mut line = String::new();
+            if let Some(offset) = offset {
+                let (l, c) = line_col(text, offset);
+                let _ = write!(line, "line {l}, column {c}: ");
+            }
+            let _ = write!(line, "{err}");
+            if let Some(help) = err.help() {
+                let _ = write!(line, " ({help})");
+            }
+            (offset.unwrap_or(usize::MAX), line)
+        })
+        .collect();
+    lines.sort_by_key(|(offset, _)| *offset);
+    lines
+        .into_iter()
+        .map(|(_, line)| line)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
@@ -326,9 +670,216 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+impl CedarAuthorizer {
+    /// The IDs of the policies in the set, in a stable (sorted) order.
+    pub fn policy_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .policies
+            .policies()
+            .map(|p| p.id().to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::json;
+
     use super::*;
+
+    #[test]
+    fn schema_loads_and_claims_shape_follows_it() {
+        let m = model();
+        assert!(m.schema.principals().count() > 0);
+        let k8s = &m.claims.fields["kubernetes.io"];
+        assert!(!k8s.1, "every claim is optional");
+        let Shape::Record(k8s) = &k8s.0 else {
+            panic!("kubernetes.io is a record")
+        };
+        assert_eq!(k8s.required, 2, "namespace and serviceaccount");
+        assert!(matches!(m.claims.fields["aud"].0, Shape::Set(_)));
+        assert!(matches!(m.claims.fields["exp"].0, Shape::Long));
+        assert!(matches!(m.claims.fields["email_verified"].0, Shape::Bool));
+        assert!(matches!(m.claims.fields["ref"].0, Shape::String));
+    }
+
+    /// `build` produces what the schema says, for well-formed and odd claims alike:
+    /// Cedar's own entity and request validation accepts it.
+    #[test]
+    fn built_entities_and_context_conform_to_the_schema() {
+        let a = CedarAuthorizer::from_text("", "v").unwrap();
+        let claim_sets = [
+            json!({}),
+            json!({
+                "iss": "https://kubernetes.default.svc", "sub": "system:serviceaccount:a:b",
+                "aud": ["lanyard", 5, null], "exp": 1, "iat": 2, "nbf": 3, "jti": "x",
+                "kubernetes.io": {
+                    "namespace": "a", "serviceaccount": {"name": "b", "uid": "u"},
+                    "pod": {"name": "p"}, "node": {"name": "n", "uid": "v"},
+                    "warnafter": 4, "extra": {"deep": [1, 2]},
+                },
+            }),
+            json!({
+                "repository": "acme/api", "ref": "refs/heads/main", "environment": "production",
+                "run_id": "42", "aud": "https://github.com/acme", "email_verified": true,
+                "groups": ["a", "b"], "custom": {"nested": true}, "score": 0.5, "big": u64::MAX,
+            }),
+            // Wrong types everywhere: each is dropped, nothing fails.
+            json!({
+                "iss": 1, "aud": {"x": 1}, "exp": "soon", "ref": ["refs/heads/main"],
+                "email_verified": "true", "groups": "admins",
+                "kubernetes.io": {"namespace": "a", "serviceaccount": "b"},
+            }),
+            json!({"kubernetes.io": {"namespace": 7, "serviceaccount": {"name": "b"}}}),
+            json!({"kubernetes.io": "flat"}),
+        ];
+        let labels = BTreeMap::from([("env".to_owned(), "prod".to_owned())]);
+        let scopes = vec!["read".to_owned()];
+        for claims in &claim_sets {
+            for action in [Action::Exchange, Action::Renew, Action::ActFor] {
+                let req = DecisionRequest {
+                    workload_id: "spiffe://lanyard.local/x",
+                    issuer: "ci",
+                    claims: claims.as_object().unwrap(),
+                    destination: "orders",
+                    destination_kind: "jwt",
+                    destination_labels: &labels,
+                    action,
+                    scopes: &scopes,
+                    ttl_secs: u64::MAX,
+                    task_id: None,
+                    now: -1,
+                };
+                if let Err(e) = a.build(&req, Some(schema())) {
+                    panic!("{claims}: {e}");
+                }
+            }
+        }
+    }
+
+    /// The decision over the whole set at once, as before slicing.
+    fn unsliced(a: &CedarAuthorizer, req: &DecisionRequest<'_>) -> (bool, Vec<String>) {
+        let (request, entities) = a.build(req, None).unwrap();
+        let response = a.cedar.is_authorized(&request, &a.policies, &entities);
+        let mut failed_forbids: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|cedar_policy::AuthorizationError::PolicyEvaluationError(e)| e.policy_id())
+            .filter(|id| a.policies.policy(id).unwrap().effect() == Effect::Forbid)
+            .map(ToString::to_string)
+            .collect();
+        let mut reason: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(ToString::to_string)
+            .collect();
+        reason.sort();
+        failed_forbids.sort();
+        match response.decision() {
+            CedarDecision::Allow if failed_forbids.is_empty() => (true, reason),
+            CedarDecision::Allow => (false, failed_forbids),
+            CedarDecision::Deny => {
+                reason.extend(failed_forbids);
+                reason.sort();
+                reason.dedup();
+                (false, reason)
+            }
+        }
+    }
+
+    #[test]
+    fn slicing_changes_no_decision() {
+        let a = CedarAuthorizer::from_text(
+            r#"
+            @id("p-a") permit (principal, action, resource == Lanyard::Destination::"a");
+            @id("p-a-renew") permit (principal, action == Lanyard::Action::"renew",
+                resource in Lanyard::Destination::"a") when { context.scopes.contains("r") };
+            @id("p-any") permit (principal, action in [Lanyard::Action::"exchange"], resource)
+                when { context.scopes.contains("x") };
+            @id("p-is") permit (principal, action, resource is Lanyard::Destination)
+                when { resource.hasTag("open") };
+            @id("f-b") forbid (principal, action, resource == Lanyard::Destination::"b")
+                when { context.scopes.contains("w") };
+            @id("f-all") forbid (principal, action == Lanyard::Action::"act_for", resource);
+            @id("f-err") forbid (principal, action, resource == Lanyard::Destination::"c")
+                when { context.ttl_secs * 100000000000000000 > 0 };
+            @id("p-c") permit (principal, action, resource == Lanyard::Destination::"c");
+            "#,
+            "v",
+        )
+        .unwrap();
+        let claims = Map::new();
+        let open = BTreeMap::from([("open".to_owned(), "1".to_owned())]);
+        let closed = BTreeMap::new();
+        let mut checked = 0;
+        for action in ACTIONS {
+            for destination in ["a", "b", "c", "d"] {
+                for labels in [&open, &closed] {
+                    for scopes in [vec![], vec!["r".to_owned()], vec!["x".into(), "w".into()]] {
+                        for ttl_secs in [0, 60] {
+                            let req = DecisionRequest {
+                                workload_id: "w",
+                                issuer: "i",
+                                claims: &claims,
+                                destination,
+                                destination_kind: "jwt",
+                                destination_labels: labels,
+                                action,
+                                scopes: &scopes,
+                                ttl_secs,
+                                task_id: None,
+                                now: 0,
+                            };
+                            let d = a.decide(&req);
+                            assert_eq!(
+                                (d.allowed, d.determining_policies.clone()),
+                                unsliced(&a, &req),
+                                "{req:?}"
+                            );
+                            checked += usize::from(d.allowed);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 10, "the cases include allows ({checked})");
+    }
+
+    #[test]
+    fn time_of_day_helpers() {
+        assert_eq!(
+            (hour_utc(0), weekday_utc(0)),
+            (0, 4),
+            "1970-01-01 was a Thursday"
+        );
+        // 2025-06-15 15:06:40 UTC, a Sunday; the next second past midnight is a Monday.
+        assert_eq!(
+            (hour_utc(1_750_000_000), weekday_utc(1_750_000_000)),
+            (15, 7)
+        );
+        assert_eq!(
+            (hour_utc(1_750_032_000), weekday_utc(1_750_032_000)),
+            (0, 1)
+        );
+        // Before 1970 still in range.
+        assert_eq!((hour_utc(-1), weekday_utc(-1)), (23, 3));
+        assert_eq!(weekday_utc(i64::MIN).clamp(1, 7), weekday_utc(i64::MIN));
+        assert!((0..24).contains(&hour_utc(i64::MAX)));
+    }
+
+    #[test]
+    fn ttl_cap_values() {
+        assert_eq!(parse_ttl_cap("600"), Some(600));
+        assert_eq!(parse_ttl_cap("0600"), Some(600));
+        for bad in ["", "0", "-1", "+1", " 1", "1s", "18446744073709551616"] {
+            assert_eq!(parse_ttl_cap(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn line_col_counts_from_one() {

@@ -3,7 +3,9 @@
 //! [`Decision`] names the policy version and the policies that decided it.
 //!
 //! Callers see only the small [`Authorizer`] trait; [`CedarAuthorizer`] is the one
-//! implementation. See [`cedar`] for the entity model policies are written against.
+//! implementation. Policies are validated against lanyard's Cedar schema ([`SCHEMA`]) when
+//! loaded; see [`cedar`] for the entity model they are written against and docs/policy.md
+//! for examples.
 
 pub mod cedar;
 
@@ -13,7 +15,7 @@ use std::path::PathBuf;
 
 use lanyard_core::UnixTime;
 
-pub use cedar::CedarAuthorizer;
+pub use cedar::{CedarAuthorizer, MAX_TTL_ANNOTATION, SCHEMA, schema, validate};
 
 /// What the workload asks to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,6 +25,10 @@ pub enum Action {
     Exchange,
     /// Renewal with fresh proof (Cedar: `Lanyard::Action::"renew"`).
     Renew,
+    /// Acting for another party in a delegation chain (Cedar:
+    /// `Lanyard::Action::"act_for"`). Declared in the schema so policies can name it;
+    /// lanyard does not ask it yet.
+    ActFor,
 }
 
 impl Action {
@@ -31,6 +37,7 @@ impl Action {
         match self {
             Action::Exchange => "exchange",
             Action::Renew => "renew",
+            Action::ActFor => "act_for",
         }
     }
 }
@@ -84,6 +91,10 @@ pub struct Decision {
     /// Evaluation errors, one per failing policy, naming the policy. Never secret: they
     /// name attributes, not claim values.
     pub errors: Vec<String>,
+    /// When allowed: the smallest `@max_ttl_secs("...")` among the determining permits,
+    /// which the caller clamps the grant's TTL to; `None` if none carries one, and
+    /// always `None` when denied.
+    pub max_ttl_secs: Option<u64>,
 }
 
 /// Makes decisions. Implementations are immutable snapshots of one policy version;
@@ -99,7 +110,8 @@ pub trait Authorizer: Send + Sync {
 /// Errors loading a policy set.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    /// The policy text does not parse or is not acceptable; `message` has Cedar's
+    /// The policy text does not parse, does not validate against the schema, or is not
+    /// acceptable (templates, a malformed `@max_ttl_secs`); `message` has Cedar's
     /// diagnostics with line and column.
     #[error("invalid policy: {message}")]
     Parse {

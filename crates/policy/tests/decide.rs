@@ -96,6 +96,7 @@ fn empty_policy_set_denies() {
             policy_version: "test-v1".into(),
             determining_policies: vec![],
             errors: vec![],
+            max_ttl_secs: None,
         }
     );
     assert_eq!(a.version(), "test-v1");
@@ -130,7 +131,9 @@ fn forbid_overrides_permit() {
         r#"{K8S_PREFIX}
         @id("no-prod-orders")
         forbid (principal, action, resource == Lanyard::Destination::"orders-api")
-        when {{ resource.labels.env == "prod" && principal.claims["kubernetes.io"].namespace != "orders" }};
+        when {{ resource.hasTag("env") && resource.getTag("env") == "prod"
+                && principal.claims has "kubernetes.io"
+                && principal.claims["kubernetes.io"].namespace != "orders" }};
         "#
     ));
     let d = Input::k8s().decide(&a);
@@ -192,13 +195,15 @@ fn nested_claim_conditions_with_non_identifier_keys() {
         r#"
         @id("payments-api")
         permit (principal, action, resource is Lanyard::Destination)
-        when { principal.claims["kubernetes.io"].namespace == "payments"
+        when { principal.claims has "kubernetes.io"
+               && principal.claims["kubernetes.io"].namespace == "payments"
                && principal.claims["kubernetes.io"].serviceaccount.name == "api"
+               && principal.claims["kubernetes.io"] has warnafter
                && principal.claims["kubernetes.io"].warnafter == 1750000300
-               && principal.claims.aud.contains("lanyard")
+               && principal.claims has aud && principal.claims.aud.contains("lanyard")
                && principal.issuer == "k8s-prod"
                && resource.kind == "jwt" && resource.name == "orders-api"
-               && resource.labels.team == "orders" };
+               && resource.hasTag("team") && resource.getTag("team") == "orders" };
         "#,
     );
     let mut i = Input::k8s();
@@ -208,16 +213,63 @@ fn nested_claim_conditions_with_non_identifier_keys() {
 }
 
 #[test]
-fn unsupported_claim_values_are_dropped() {
+fn claims_outside_the_schema_are_tags_or_dropped() {
+    // `score` (a float) and `nothing` (null) are not declared claims; the float is a tag
+    // (as a string), null is nothing at all. Objects are never tags.
     let a = authz(
         r#"
-        @id("no-floats")
+        @id("tags")
         permit (principal, action, resource)
-        when { !(principal.claims has score) && !(principal.claims has nothing)
-               && principal.claims has sub };
+        when { principal.claims has sub
+               && principal.hasTag("score") && principal.getTag("score") == "0.5"
+               && principal.hasTag("exp") && principal.getTag("exp") == "1750000600"
+               && !principal.hasTag("nothing") && !principal.hasTag("kubernetes.io") };
         "#,
     );
-    assert!(Input::k8s().decide(&a).allowed);
+    assert!(
+        Input::k8s().decide(&a).allowed,
+        "{:?}",
+        Input::k8s().decide(&a)
+    );
+
+    // A declared claim of the wrong type is left out of `claims`, but stays a tag.
+    let a = authz(
+        r#"
+        @id("typed")
+        permit (principal, action, resource)
+        when { !(principal.claims has exp) && principal.hasTag("exp")
+               && principal.getTag("exp") == "soon" };
+        "#,
+    );
+    let mut i = Input::k8s();
+    assert!(!i.decide(&a).allowed);
+    i.claims.insert("exp".into(), json!("soon"));
+    assert!(i.decide(&a).allowed, "{:?}", i.decide(&a));
+}
+
+#[test]
+fn aud_is_always_a_set_and_incomplete_records_are_left_out() {
+    let a = authz(
+        r#"
+        @id("aud")
+        permit (principal, action, resource)
+        when { principal.claims has aud && principal.claims.aud.contains("lanyard")
+               && principal.claims has "kubernetes.io" };
+        "#,
+    );
+    let mut i = Input::k8s();
+    assert!(i.decide(&a).allowed);
+    i.claims.insert("aud".into(), json!("lanyard"));
+    assert!(i.decide(&a).allowed, "one string is a one-element set");
+    i.claims.insert("aud".into(), json!(["other", 7]));
+    assert!(!i.decide(&a).allowed);
+    i.claims.insert("aud".into(), json!("lanyard"));
+    // `kubernetes.io` without its required `namespace` is absent as a whole.
+    i.claims["kubernetes.io"]
+        .as_object_mut()
+        .unwrap()
+        .remove("namespace");
+    assert!(!i.decide(&a).allowed);
 }
 
 #[test]
@@ -269,38 +321,194 @@ fn parse_errors_name_location_and_problem() {
 }
 
 #[test]
+fn policies_that_do_not_validate_are_refused() {
+    // Reading an optional claim without `has`, an undeclared claim, an unknown
+    // attribute, an unknown action: all refused at load with Cedar's diagnostics.
+    for (text, expect) in [
+        (
+            "permit (principal, action, resource)\nwhen { principal.claims.repository == \"acme/api\" };",
+            "line 2, column 8: for policy `policy0`, unable to guarantee safety of access to optional attribute `claims.repository`",
+        ),
+        (
+            "permit (principal, action, resource)\nwhen { principal.claims has mfa && principal.claims.mfa == true };",
+            "policy is impossible",
+        ),
+        (
+            "permit (principal, action, resource) when { resource.labels.env == \"prod\" };",
+            "attribute `labels` on entity type `Lanyard::Destination` not found",
+        ),
+        (
+            "permit (principal, action == Lanyard::Action::\"delete\", resource);",
+            "Lanyard::Action::\"delete\"",
+        ),
+        (
+            "permit (principal, action, resource) when { context.ttl_secs == \"600\" };",
+            "type",
+        ),
+        (
+            "permit (principal, action, resource) when { principal.getTag(\"team\") == \"x\" };",
+            "hasTag",
+        ),
+    ] {
+        let err = CedarAuthorizer::from_text(text, "v").unwrap_err();
+        assert!(matches!(err, PolicyError::Parse { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("does not validate against the lanyard schema"),
+            "{msg}"
+        );
+        assert!(msg.contains(expect), "{text}\n{msg}");
+        assert_eq!(
+            lanyard_policy::validate(text).unwrap_err().to_string(),
+            msg,
+            "validate() reports what from_text() does"
+        );
+    }
+    lanyard_policy::validate(DEV_POLICY).unwrap();
+}
+
+#[test]
 fn evaluation_errors_deny_and_are_recorded() {
-    // A permit reading a claim the token lacks: the permit grants nothing.
+    // Validated policies can still fail at run time, e.g. on overflow.
+    // A permit that fails grants nothing.
     let a = authz(
         r#"
-        @id("needs-repo")
-        permit (principal, action, resource) when { principal.claims.repository == "acme/api" };
+        @id("overflowing-permit")
+        permit (principal, action, resource) when { context.now * 10000000000 > 0 };
         "#,
     );
     let d = Input::k8s().decide(&a);
     assert!(!d.allowed);
     assert_eq!(d.errors.len(), 1, "{d:?}");
-    assert!(d.errors[0].contains("needs-repo"), "{:?}", d.errors);
-    assert!(d.errors[0].contains("repository"), "{:?}", d.errors);
+    assert!(d.errors[0].contains("overflowing-permit"), "{:?}", d.errors);
+    assert!(d.errors[0].contains("overflow"), "{:?}", d.errors);
 
     // A forbid that fails denies even though a permit is satisfied.
     let a = authz(&format!(
         r#"{K8S_PREFIX}
-        @id("require-mfa")
-        forbid (principal, action, resource) unless {{ principal.claims.mfa == true }};
+        @id("overflowing-forbid")
+        forbid (principal, action, resource) when {{ context.ttl_secs * 100000000000000000 > 0 }};
         "#
     ));
     let d = Input::k8s().decide(&a);
     assert!(!d.allowed, "{d:?}");
-    assert_eq!(d.determining_policies, vec!["require-mfa".to_owned()]);
+    assert_eq!(
+        d.determining_policies,
+        vec!["overflowing-forbid".to_owned()]
+    );
     assert_eq!(d.errors.len(), 1);
 
-    // With the claim present the forbid evaluates normally.
+    // Where it evaluates normally, it does not deny.
     let mut i = Input::k8s();
-    i.claims.insert("mfa".into(), json!(true));
+    i.ttl_secs = 0;
     let d = i.decide(&a);
     assert!(d.allowed, "{d:?}");
     assert!(d.errors.is_empty());
+}
+
+#[test]
+fn max_ttl_is_the_smallest_cap_among_determining_permits() {
+    let a = authz(
+        r#"
+        @id("wide") @max_ttl_secs("3600")
+        permit (principal, action, resource);
+        @id("narrow") @max_ttl_secs("600")
+        permit (principal, action, resource) when { context.scopes.contains("orders:read") };
+        @id("uncapped")
+        permit (principal, action, resource) when { context.issuer == "k8s-prod" };
+        @id("unrelated") @max_ttl_secs("60")
+        permit (principal, action, resource) when { context.issuer == "github" };
+        "#,
+    );
+    let mut i = Input::k8s();
+    let d = i.decide(&a);
+    assert!(d.allowed);
+    assert_eq!(d.determining_policies, ["narrow", "uncapped", "wide"]);
+    assert_eq!(d.max_ttl_secs, Some(600));
+    i.scopes = vec!["orders:list".into()];
+    assert_eq!(i.decide(&a).max_ttl_secs, Some(3600));
+
+    // No determining permit carries a cap.
+    let d = Input::k8s().decide(&authz(K8S_PREFIX));
+    assert_eq!(d.max_ttl_secs, None);
+
+    // Denied: no cap.
+    let a = authz(
+        r#"
+        @max_ttl_secs("600") permit (principal, action, resource);
+        forbid (principal, action, resource) when { context.ttl_secs > 60 };
+        "#,
+    );
+    let d = Input::k8s().decide(&a);
+    assert!(!d.allowed);
+    assert_eq!(d.max_ttl_secs, None);
+}
+
+#[test]
+fn malformed_max_ttl_is_refused() {
+    for value in [
+        "",
+        "0",
+        "-5",
+        "+600",
+        "10m",
+        "600 ",
+        "1.5",
+        "99999999999999999999999",
+    ] {
+        let text = format!("@max_ttl_secs({value:?}) permit (principal, action, resource);");
+        let err = CedarAuthorizer::from_text(&text, "v")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is not a positive whole number of seconds"),
+            "{value:?}: {err}"
+        );
+    }
+    let err = CedarAuthorizer::from_text(
+        "@max_ttl_secs(\"600\") forbid (principal, action, resource);",
+        "v",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("permit policies only"), "{err}");
+    // Without a value the annotation is empty, which is malformed too.
+    assert!(
+        CedarAuthorizer::from_text("@max_ttl_secs permit (principal, action, resource);", "v")
+            .is_err()
+    );
+}
+
+#[test]
+fn time_of_day_and_other_context_fields() {
+    // 1_750_000_000 is Sunday 2025-06-15 15:06:40 UTC.
+    let a = authz(
+        r#"
+        @id("window")
+        permit (principal, action, resource)
+        when { context.now_hour_utc == 15 && context.now_weekday_utc == 7
+               && context.token_source == "k8s-prod" && context.delegation_depth == 0 };
+        "#,
+    );
+    let d = Input::k8s().decide(&a);
+    assert!(d.allowed, "{d:?}");
+    let mut i = Input::k8s();
+    i.issuer = "github".into();
+    assert!(!i.decide(&a).allowed);
+}
+
+#[test]
+fn act_for_is_a_declared_action() {
+    let a = authz(
+        r#"
+        permit (principal, action == Lanyard::Action::"act_for", resource)
+        when { context.delegation_depth < 2 };
+        "#,
+    );
+    let mut i = Input::k8s();
+    assert!(!i.decide(&a).allowed);
+    i.action = Action::ActFor;
+    assert!(i.decide(&a).allowed);
 }
 
 #[test]

@@ -223,6 +223,26 @@ impl Runtime {
             }
         }
         self.verifier.set_issuers(snap.issuers.clone());
+        // The policy: a stored version once one was activated, else the bootstrap one.
+        if let Some(version) = crate::policy_store::active_version(self).await?
+            && version != self.authorizer().version()
+        {
+            match crate::policy_store::load(self, &version).await {
+                Ok(a) => {
+                    let a: Arc<dyn Authorizer> = Arc::new(a);
+                    match self.authorizer.write() {
+                        Ok(mut g) => *g = a,
+                        Err(p) => *p.into_inner() = a,
+                    }
+                    tracing::info!(%version, "policy version in force");
+                }
+                Err(e) => tracing::error!(
+                    %version,
+                    error = %e.message,
+                    "the active policy version could not be loaded; the previous one stays in force"
+                ),
+            }
+        }
         let n = (
             snap.issuers.len(),
             snap.rules.len(),
@@ -379,6 +399,9 @@ impl Runtime {
         ev.workload_id = Some(workload.id.to_string());
         ev.issuer = Some(workload.issuer.clone());
         ev.task_id = workload.task.as_ref().map(|t| t.to_string());
+        // The verified claims policy saw (never the token): what `policy dry-run`
+        // replays a proposed policy against.
+        ev.detail["claims"] = serde_json::Value::Object(workload.claims.clone());
         let snap = self.snapshot();
         let Some(dest) = snap.destinations.get(&input.destination) else {
             return Err(self
@@ -396,8 +419,14 @@ impl Runtime {
                 Ok(v) => v,
                 Err(e) => return Err(self.deny(ev, e).await),
             };
+        ev.detail["ttl_secs"] = json!(ttl.as_secs());
         let now = self.clock.now_unix();
-        let decision = self.decide(Action::Exchange, &workload, dest, &scopes, ttl, now);
+        let (decision, scopes) = narrow_scopes(&scopes, |s| {
+            self.decide(Action::Exchange, &workload, dest, s, ttl, now)
+        });
+        if decision.allowed && scopes.len() < input.scopes.len() {
+            ev.detail["requested_scopes"] = json!(input.scopes);
+        }
         ev.policy_version = Some(decision.policy_version.clone());
         ev.detail["determining_policies"] = json!(decision.determining_policies);
         if !decision.allowed {
@@ -412,6 +441,7 @@ impl Runtime {
         if let Err(e) = self.audit_delivery_ok(&dest.spec) {
             return Err(self.deny(ev, e).await);
         }
+        let ttl = cap_ttl(ttl, &decision, &mut ev);
         let grant_id = GrantId::generate();
         let no_actors: [String; 0] = [];
         let issued = match dest
@@ -618,6 +648,7 @@ impl Runtime {
             let e = ApiError::new(ReasonCode::PolicyDenied, "policy denied renewal");
             return Err(self.deny(ev, e).await);
         }
+        let ttl = cap_ttl(ttl, &decision, &mut ev);
         let workload_id =
             WorkloadId::parse(&grant.workload_id).map_err(|e| ApiError::internal(&e))?;
         let no_actors: [String; 0] = [];
@@ -724,6 +755,49 @@ impl Runtime {
 }
 
 /// Check scopes, TTL and audience against the destination.
+/// The TTL after the policy's cap (`@max_ttl_secs` on the permits that allowed it); a
+/// cap that shortened it is noted in the audit event.
+fn cap_ttl(ttl: Ttl, decision: &Decision, ev: &mut NewAuditEvent) -> Ttl {
+    match decision.max_ttl_secs {
+        Some(cap) if cap < ttl.as_secs() => match Ttl::from_secs(cap) {
+            Ok(capped) => {
+                ev.detail["ttl_capped_by_policy"] = json!(cap);
+                capped
+            }
+            Err(_) => ttl,
+        },
+        _ => ttl,
+    }
+}
+
+/// A grant's scopes are what was asked intersected with what policy allows. The whole
+/// request first; if it is denied, the scopes policy allows on their own, provided that
+/// together they are allowed. Returns the decision that stands and the scopes it covers
+/// (all of them when denied).
+pub fn narrow_scopes<S: Clone>(
+    scopes: &[S],
+    decide: impl Fn(&[S]) -> Decision,
+) -> (Decision, Vec<S>) {
+    let whole = decide(scopes);
+    if whole.allowed || scopes.len() < 2 {
+        return (whole, scopes.to_vec());
+    }
+    let allowed: Vec<S> = scopes
+        .iter()
+        .filter(|s| decide(std::slice::from_ref(*s)).allowed)
+        .cloned()
+        .collect();
+    if allowed.is_empty() {
+        return (whole, scopes.to_vec());
+    }
+    let narrowed = decide(&allowed);
+    if narrowed.allowed {
+        (narrowed, allowed)
+    } else {
+        (whole, scopes.to_vec())
+    }
+}
+
 pub(crate) fn check_request(
     spec: &DestinationSpec,
     requested_scopes: &[String],

@@ -682,28 +682,65 @@ impl AdminService for AdminSvc {
     }
 
     async fn put_policy(&self, req: Request<pb::PutPolicyRequest>) -> Rpc<pb::PolicyVersion> {
-        Err(unimplemented_policy(&ctx_of(&req)))
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = async {
+            let v = crate::policy_store::put(&self.rt, &ctx, &r.text, &r.comment).await?;
+            if r.activate {
+                crate::policy_store::activate(&self.rt, &ctx, &v.version).await
+            } else {
+                Ok(v)
+            }
+        }
+        .await;
+        result.map(|v| respond(&ctx, v)).map_err(|e| fail(&ctx, e))
     }
 
     async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Rpc<pb::PolicyVersion> {
         let ctx = ctx_of(&req);
-        let a = self.rt.authorizer();
-        Ok(respond(
-            &ctx,
-            pb::PolicyVersion {
-                version: a.version(),
-                text: String::new(),
-                active: true,
-                created_at: None,
-            },
-        ))
+        let version = Some(req.into_inner().version).filter(|v| !v.is_empty());
+        crate::policy_store::get(&self.rt, version.as_deref())
+            .await
+            .map(|v| respond(&ctx, v))
+            .map_err(|e| fail(&ctx, e))
+    }
+
+    async fn list_policies(&self, req: Request<pb::ListRequest>) -> Rpc<pb::ListPoliciesResponse> {
+        let ctx = ctx_of(&req);
+        crate::policy_store::list(&self.rt)
+            .await
+            .map(|versions| respond(&ctx, pb::ListPoliciesResponse { versions }))
+            .map_err(|e| fail(&ctx, e))
+    }
+
+    async fn dry_run_policy(
+        &self,
+        req: Request<pb::DryRunPolicyRequest>,
+    ) -> Rpc<pb::DryRunPolicyResponse> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let ms = |t: &prost_types::Timestamp| t.seconds * 1000 + i64::from(t.nanos / 1_000_000);
+        crate::dry_run::dry_run(
+            &self.rt,
+            &r.text,
+            r.since.as_ref().map(ms),
+            r.until.as_ref().map(ms),
+        )
+        .await
+        .map(|v| respond(&ctx, v))
+        .map_err(|e| fail(&ctx, e))
     }
 
     async fn activate_policy(
         &self,
         req: Request<pb::ActivatePolicyRequest>,
     ) -> Rpc<pb::PolicyVersion> {
-        Err(unimplemented_policy(&ctx_of(&req)))
+        let ctx = ctx_of(&req);
+        let version = req.into_inner().version;
+        crate::policy_store::activate(&self.rt, &ctx, &version)
+            .await
+            .map(|v| respond(&ctx, v))
+            .map_err(|e| fail(&ctx, e))
     }
 
     async fn list_signing_keys(
@@ -759,14 +796,4 @@ fn fill_workload(out: &mut pb::ExplainResponse, w: &Workload) {
     out.workload_id = w.id.to_string();
     out.trust_rule = w.rule.clone();
     out.issuer = w.issuer.clone();
-}
-
-fn unimplemented_policy(ctx: &RequestCtx) -> Status {
-    fail(
-        ctx,
-        ApiError::new(
-            ReasonCode::Unimplemented,
-            "versioned policy storage is not served by this version; policy comes from [policy] file",
-        ),
-    )
 }

@@ -13,17 +13,20 @@ pub enum ConfigKind {
     TrustRule,
     /// A destination (adapter kind + settings).
     Destination,
-    /// A policy set version.
+    /// A policy set version (immutable once stored; named `v1`, `v2`...).
     Policy,
+    /// Which policy version is active (one object, named `active`).
+    PolicyActivation,
 }
 
 impl ConfigKind {
     /// Every kind.
-    pub const ALL: [ConfigKind; 4] = [
+    pub const ALL: [ConfigKind; 5] = [
         ConfigKind::Issuer,
         ConfigKind::TrustRule,
         ConfigKind::Destination,
         ConfigKind::Policy,
+        ConfigKind::PolicyActivation,
     ];
     /// Stable spelling used in the database and in audit events.
     pub fn as_str(self) -> &'static str {
@@ -32,6 +35,7 @@ impl ConfigKind {
             ConfigKind::TrustRule => "trust_rule",
             ConfigKind::Destination => "destination",
             ConfigKind::Policy => "policy",
+            ConfigKind::PolicyActivation => "policy_activation",
         }
     }
     /// Parse the stable spelling.

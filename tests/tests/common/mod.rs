@@ -192,3 +192,23 @@ pub async fn audit_events(l: &Lanyard) -> Vec<pb::AuditEvent> {
     }
     out
 }
+
+/// Verify the audit chain from genesis.
+pub async fn verify_chain(l: &Lanyard) -> pb::VerifyResponse {
+    l.audit()
+        .await
+        .verify(pb::VerifyRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The payloads of every audit event of `kind`, in order.
+pub async fn payloads_of(l: &Lanyard, kind: &str) -> Vec<serde_json::Value> {
+    audit_events(l)
+        .await
+        .iter()
+        .filter(|e| e.kind == kind)
+        .map(|e| serde_json::from_str(&e.payload_json).unwrap())
+        .collect()
+}

@@ -1082,21 +1082,97 @@ pub struct ExplainResponse {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PolicyVersion {
-    /// Version ID.
+    /// Version ID: "v1", "v2"... for stored versions; "file:sha256:\<12 hex>" for the
+    /// policy file in force before any version was activated.
     #[prost(string, tag = "1")]
     pub version: ::prost::alloc::string::String,
     /// Cedar policy text.
     #[prost(string, tag = "2")]
     pub text: ::prost::alloc::string::String,
+    /// Whether this version decides exchanges now.
     #[prost(bool, tag = "3")]
     pub active: bool,
     #[prost(message, optional, tag = "4")]
     pub created_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// Who stored it ("uid:<n>" of the admin-socket peer).
+    #[prost(string, tag = "5")]
+    pub created_by: ::prost::alloc::string::String,
+    /// SHA-256 of the text (hex).
+    #[prost(string, tag = "6")]
+    pub sha256: ::prost::alloc::string::String,
+    /// The policy IDs in the set (@id annotations, else policy0, policy1...).
+    #[prost(string, repeated, tag = "7")]
+    pub policy_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Free text given at upload.
+    #[prost(string, tag = "8")]
+    pub comment: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PutPolicyRequest {
+    /// Cedar policy text.
     #[prost(string, tag = "1")]
     pub text: ::prost::alloc::string::String,
+    /// Activate the new version in the same call.
+    #[prost(bool, tag = "2")]
+    pub activate: bool,
+    /// Free text kept with the version (why it changed).
+    #[prost(string, tag = "3")]
+    pub comment: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DryRunPolicyRequest {
+    /// The proposed Cedar policy set (validated like PutPolicy).
+    #[prost(string, tag = "1")]
+    pub text: ::prost::alloc::string::String,
+    /// Replay requests recorded at or after this time (unset: the last 24 hours).
+    #[prost(message, optional, tag = "2")]
+    pub since: ::core::option::Option<::prost_types::Timestamp>,
+    /// ... and before this time (unset: now).
+    #[prost(message, optional, tag = "3")]
+    pub until: ::core::option::Option<::prost_types::Timestamp>,
+}
+/// One (workload, destination, scope) whose outcome would change.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DryRunChange {
+    #[prost(string, tag = "1")]
+    pub workload_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub destination: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub scope: ::prost::alloc::string::String,
+    /// "gained" (denied before, allowed under the proposal) or "lost".
+    #[prost(string, tag = "4")]
+    pub change: ::prost::alloc::string::String,
+    /// How many recorded requests asked for it.
+    #[prost(int64, tag = "5")]
+    pub requests: i64,
+    /// The sequence number of one such request's audit event.
+    #[prost(int64, tag = "6")]
+    pub example_seq: i64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DryRunPolicyResponse {
+    /// Exchange events read in the window.
+    #[prost(int64, tag = "1")]
+    pub events_examined: i64,
+    /// Requests that reached policy and were replayed.
+    #[prost(int64, tag = "2")]
+    pub requests_replayed: i64,
+    /// Requests refused before policy (bad token, unknown destination...), not replayed.
+    #[prost(int64, tag = "3")]
+    pub skipped: i64,
+    /// Changes, lost first, then by workload, destination, scope.
+    #[prost(message, repeated, tag = "4")]
+    pub changes: ::prost::alloc::vec::Vec<DryRunChange>,
+    /// The proposal's version label ("proposed:sha256:\<12 hex>").
+    #[prost(string, tag = "5")]
+    pub proposed_version: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListPoliciesResponse {
+    /// Newest first; text included.
+    #[prost(message, repeated, tag = "1")]
+    pub versions: ::prost::alloc::vec::Vec<PolicyVersion>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetPolicyRequest {
@@ -1582,7 +1658,9 @@ pub mod admin_service_client {
                 .insert(GrpcMethod::new("lanyard.v1.AdminService", "Explain"));
             self.inner.unary(req, path, codec).await
         }
-        /// Store a new policy version (validated; not active until activated).
+        /// Store a new policy version: validated against lanyard's Cedar schema (a bad policy
+        /// is refused with Cedar's diagnostics, reason CONFIG_INVALID), numbered v1, v2...,
+        /// not in force until activated (unless activate is set).
         pub async fn put_policy(
             &mut self,
             request: impl tonic::IntoRequest<super::PutPolicyRequest>,
@@ -1626,7 +1704,33 @@ pub mod admin_service_client {
                 .insert(GrpcMethod::new("lanyard.v1.AdminService", "GetPolicy"));
             self.inner.unary(req, path, codec).await
         }
-        /// Make a stored version the active one, atomically.
+        /// Every stored version, newest first (the history).
+        pub async fn list_policies(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListPoliciesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/ListPolicies",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AdminService", "ListPolicies"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Make a stored version the active one, atomically: every replica switches to it
+        /// within one configuration poll, and every later decision names it.
         pub async fn activate_policy(
             &mut self,
             request: impl tonic::IntoRequest<super::ActivatePolicyRequest>,
@@ -1646,6 +1750,33 @@ pub mod admin_service_client {
             let mut req = request.into_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("lanyard.v1.AdminService", "ActivatePolicy"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Replay the exchange requests recorded in the audit stream over a window against a
+        /// proposed policy and report who would gain and who would lose which destination and
+        /// scope. Nothing changes; nothing is stored.
+        pub async fn dry_run_policy(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DryRunPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DryRunPolicyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/DryRunPolicy",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AdminService", "DryRunPolicy"));
             self.inner.unary(req, path, codec).await
         }
         /// lanyard's own signing keys (published in its JWKS).
@@ -1806,7 +1937,9 @@ pub mod admin_service_server {
             &self,
             request: tonic::Request<super::ExplainRequest>,
         ) -> std::result::Result<tonic::Response<super::ExplainResponse>, tonic::Status>;
-        /// Store a new policy version (validated; not active until activated).
+        /// Store a new policy version: validated against lanyard's Cedar schema (a bad policy
+        /// is refused with Cedar's diagnostics, reason CONFIG_INVALID), numbered v1, v2...,
+        /// not in force until activated (unless activate is set).
         async fn put_policy(
             &self,
             request: tonic::Request<super::PutPolicyRequest>,
@@ -1816,11 +1949,30 @@ pub mod admin_service_server {
             &self,
             request: tonic::Request<super::GetPolicyRequest>,
         ) -> std::result::Result<tonic::Response<super::PolicyVersion>, tonic::Status>;
-        /// Make a stored version the active one, atomically.
+        /// Every stored version, newest first (the history).
+        async fn list_policies(
+            &self,
+            request: tonic::Request<super::ListRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListPoliciesResponse>,
+            tonic::Status,
+        >;
+        /// Make a stored version the active one, atomically: every replica switches to it
+        /// within one configuration poll, and every later decision names it.
         async fn activate_policy(
             &self,
             request: tonic::Request<super::ActivatePolicyRequest>,
         ) -> std::result::Result<tonic::Response<super::PolicyVersion>, tonic::Status>;
+        /// Replay the exchange requests recorded in the audit stream over a window against a
+        /// proposed policy and report who would gain and who would lose which destination and
+        /// scope. Nothing changes; nothing is stored.
+        async fn dry_run_policy(
+            &self,
+            request: tonic::Request<super::DryRunPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DryRunPolicyResponse>,
+            tonic::Status,
+        >;
         /// lanyard's own signing keys (published in its JWKS).
         async fn list_signing_keys(
             &self,
@@ -2669,6 +2821,49 @@ pub mod admin_service_server {
                     };
                     Box::pin(fut)
                 }
+                "/lanyard.v1.AdminService/ListPolicies" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListPoliciesSvc<T: AdminService>(pub Arc<T>);
+                    impl<T: AdminService> tonic::server::UnaryService<super::ListRequest>
+                    for ListPoliciesSvc<T> {
+                        type Response = super::ListPoliciesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::list_policies(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListPoliciesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 "/lanyard.v1.AdminService/ActivatePolicy" => {
                     #[allow(non_camel_case_types)]
                     struct ActivatePolicySvc<T: AdminService>(pub Arc<T>);
@@ -2699,6 +2894,51 @@ pub mod admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ActivatePolicySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/DryRunPolicy" => {
+                    #[allow(non_camel_case_types)]
+                    struct DryRunPolicySvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<super::DryRunPolicyRequest>
+                    for DryRunPolicySvc<T> {
+                        type Response = super::DryRunPolicyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DryRunPolicyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::dry_run_policy(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DryRunPolicySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
