@@ -91,6 +91,9 @@ reasons! {
     ConfigInvalid => "CONFIG_INVALID",
     /// The store could not be reached; nothing was changed.
     StoreUnavailable => "STORE_UNAVAILABLE",
+    /// Delegation refused: the chain is too deep, or the actor asked for more scope or
+    /// time than its own token allows, or a delegated grant was to be renewed.
+    DelegationDenied => "DELEGATION_DENIED",
     /// The destination requires an audit sink that is behind (or not running); the
     /// exchange is refused until it catches up.
     AuditDeliveryLagging => "AUDIT_DELIVERY_LAGGING",

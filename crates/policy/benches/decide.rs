@@ -186,6 +186,8 @@ fn measure(a: &CedarAuthorizer, c: &Case, iterations: usize) -> Vec<Duration> {
         task_id: Some("4242"),
         // Tuesday 2025-06-17 10:00 UTC.
         now: 1_750_154_400,
+        delegation: &[],
+        subject: c.workload_id,
     };
     let d = a.decide(&req);
     assert_eq!(d.allowed, c.expect_allowed, "{}: {d:?}", c.name);

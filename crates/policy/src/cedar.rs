@@ -15,14 +15,15 @@
 //!   - tags: every top-level claim whose value is a string, boolean or number, as a
 //!     string (`"true"`, `"42"`), declared or not:
 //!     `principal.hasTag("team") && principal.getTag("team") == "payments"`.
-//! - action `Lanyard::Action::"exchange"`, `"renew"`, or `"act_for"` (declared for
-//!   delegation; lanyard does not ask it yet).
+//! - action `Lanyard::Action::"exchange"`, `"renew"`, or `"act_for"` (delegation: the
+//!   principal is the actor, asking to act for `context.subject`).
 //! - resource `Lanyard::Destination::"<name>"` with `name: String`, `kind: String`; its
 //!   labels are its tags (`resource.hasTag("env") && resource.getTag("env") == "prod"`).
 //! - context `{scopes: Set<String>, ttl_secs: Long, task_id: String ("" if none),
 //!   now: Long, now_hour_utc: Long (0-23), now_weekday_utc: Long (ISO, 1 = Monday to
 //!   7 = Sunday), issuer: String, token_source: String (the issuer's name),
-//!   delegation_depth: Long (0 until delegation exists)}`.
+//!   delegation_depth: Long, delegation_chain: Set<String>, actor: String,
+//!   subject: String}` (the delegation fields are empty/0 when not delegated).
 //!
 //! [`CedarAuthorizer::build`](CedarAuthorizer) produces exactly this shape; a test checks
 //! it against the schema with Cedar's own entity and request validation.
@@ -457,7 +458,19 @@ impl CedarAuthorizer {
             ("now_weekday_utc".to_owned(), long(weekday_utc(req.now))),
             ("issuer".to_owned(), string(req.issuer)),
             ("token_source".to_owned(), string(req.issuer)),
-            ("delegation_depth".to_owned(), long(0)),
+            (
+                "delegation_depth".to_owned(),
+                long(i64::try_from(req.delegation.len()).unwrap_or(i64::MAX)),
+            ),
+            (
+                "delegation_chain".to_owned(),
+                RestrictedExpression::new_set(req.delegation.iter().map(|s| string(s))),
+            ),
+            (
+                "actor".to_owned(),
+                string(req.delegation.first().map_or("", String::as_str)),
+            ),
+            ("subject".to_owned(), string(req.subject)),
         ])
         .map_err(|e| format!("building the context: {e}"))?;
         let request = Request::new(principal, action, resource, context, schema)
@@ -754,6 +767,8 @@ mod tests {
                     ttl_secs: u64::MAX,
                     task_id: None,
                     now: -1,
+                    delegation: &[],
+                    subject: "spiffe://lanyard.local/x",
                 };
                 if let Err(e) = a.build(&req, Some(schema())) {
                     panic!("{claims}: {e}");
@@ -834,6 +849,8 @@ mod tests {
                                 ttl_secs,
                                 task_id: None,
                                 now: 0,
+                                delegation: &[],
+                                subject: "w",
                             };
                             let d = a.decide(&req);
                             assert_eq!(

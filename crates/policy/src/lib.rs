@@ -74,6 +74,11 @@ pub struct DecisionRequest<'a> {
     pub task_id: Option<&'a str>,
     /// Now, Unix seconds, from lanyard's clock.
     pub now: UnixTime,
+    /// The delegation chain, nearest actor first (empty when not delegated).
+    pub delegation: &'a [String],
+    /// The workload the credential is for; for `act_for` this differs from
+    /// `workload_id` (the actor).
+    pub subject: &'a str,
 }
 
 /// The outcome of one decision.

@@ -70,6 +70,8 @@ impl Input {
             ttl_secs: self.ttl_secs,
             task_id: self.task_id.as_deref(),
             now: 1_750_000_000,
+            delegation: &[],
+            subject: &self.workload_id,
         })
     }
 }

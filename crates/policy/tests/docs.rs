@@ -144,6 +144,8 @@ impl Req {
             ttl_secs: 3_600,
             task_id: self.task_id.as_deref(),
             now: self.now,
+            delegation: &[],
+            subject: &self.workload_id,
         })
     }
 }

@@ -166,11 +166,23 @@ pub struct StoreConfig {
 }
 
 /// `[policy]`
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// A Cedar policy file. Empty: no policy, so every exchange is denied (default deny).
     pub file: String,
+    /// The longest delegation chain accepted (actors between the subject and the
+    /// credential).
+    pub max_delegation_depth: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            file: String::new(),
+            max_delegation_depth: 3,
+        }
+    }
 }
 
 /// `[signing]`
@@ -537,6 +549,7 @@ impl FileConfig {
             max_batch: self.store.max_batch.clamp(1, 4096),
             issuer_url_derived: self.issuer_url.is_empty(),
             policy_file: (!self.policy.file.is_empty()).then(|| PathBuf::from(&self.policy.file)),
+            max_delegation_depth: self.policy.max_delegation_depth,
             signing: self.signing.clone(),
             trust: self.trust.clone(),
             max_request_bytes: self.limits.max_request_bytes,
@@ -658,6 +671,8 @@ pub struct Config {
     pub max_batch: usize,
     /// Cedar policy file.
     pub policy_file: Option<PathBuf>,
+    /// Longest delegation chain accepted.
+    pub max_delegation_depth: usize,
     /// Signing keys.
     pub signing: SigningConfig,
     /// Issuer key fetching.

@@ -88,6 +88,8 @@ pub async fn dry_run(
                     ttl_secs: replay.ttl_secs,
                     task_id: replay.task_id.as_deref(),
                     now: r.time_ms.div_euclid(1000),
+                    delegation: &[],
+                    subject: &replay.workload_id,
                 })
             });
             let now_allowed: Vec<&String> = if decision.allowed {

@@ -77,7 +77,9 @@ pub fn code_for(reason: ReasonCode) -> Code {
         | R::AudienceMismatch
         | R::ClaimMissing
         | R::ClaimInvalid => Code::Unauthenticated,
-        R::NoTrustRule | R::PolicyDenied | R::GrantMismatch => Code::PermissionDenied,
+        R::NoTrustRule | R::PolicyDenied | R::GrantMismatch | R::DelegationDenied => {
+            Code::PermissionDenied
+        }
         R::IssuerUnavailable
         | R::StoreUnavailable
         | R::DestinationFailed

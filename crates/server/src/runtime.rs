@@ -68,6 +68,8 @@ pub struct ExchangeInput {
     pub subject_token_type: String,
     /// Actor token, for delegation.
     pub actor_token: Option<Secret>,
+    /// Its type URN (empty = JWT).
+    pub actor_token_type: String,
     /// Destination name.
     pub destination: String,
     /// Requested scopes.
@@ -118,6 +120,8 @@ pub struct Runtime {
     pub fingerprinter: Arc<Fingerprinter>,
     /// The audit sinks this server runs, by name, and where each stands.
     pub audit_sinks: RwLock<BTreeMap<String, Arc<SinkStatus>>>,
+    /// The longest delegation chain accepted (`[policy] max_delegation_depth`).
+    pub max_delegation_depth: std::sync::atomic::AtomicUsize,
     /// Prometheus metrics (`GET /metrics`), shared with background tasks.
     pub metrics: Arc<Metrics>,
     snapshot: RwLock<Arc<Snapshot>>,
@@ -150,6 +154,7 @@ impl Runtime {
             trust_domain,
             fingerprinter,
             audit_sinks: RwLock::new(BTreeMap::new()),
+            max_delegation_depth: std::sync::atomic::AtomicUsize::new(3),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             reload_lock: tokio::sync::Mutex::new(()),
         }
@@ -297,6 +302,47 @@ impl Runtime {
         Ok(())
     }
 
+    /// Verify an actor token and build the delegation chain it forms with `subject`.
+    ///
+    /// # Errors
+    /// The actor token's verification error (its message prefixed `actor_token:`), or
+    /// `DELEGATION_DENIED` for a chain that is too deep or an actor acting for itself.
+    async fn delegation(
+        &self,
+        token: &Secret,
+        token_type: &str,
+        subject: &Workload,
+    ) -> Result<Delegation, ApiError> {
+        let actor = self
+            .identify(token, token_type)
+            .await
+            .map_err(|(e, _)| ApiError::new(e.reason, format!("actor_token: {}", e.message)))?;
+        if actor.id == subject.id {
+            return Err(ApiError::new(
+                ReasonCode::DelegationDenied,
+                "the actor token names the same workload as the subject token",
+            ));
+        }
+        let mut chain = vec![actor.id.to_string()];
+        chain.extend(prior_actors(&subject.claims));
+        let max = self
+            .max_delegation_depth
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if chain.len() > max {
+            return Err(ApiError::new(
+                ReasonCode::DelegationDenied,
+                format!(
+                    "the delegation chain has {} actors; at most {max} are accepted",
+                    chain.len()
+                ),
+            ));
+        }
+        Ok(Delegation {
+            workload: actor,
+            chain,
+        })
+    }
+
     /// The audit fingerprint of a presented token (`None` for an empty one).
     fn fingerprint(&self, token: &Secret) -> Option<String> {
         (!token.is_empty()).then(|| self.fingerprinter.fingerprint(token.expose()))
@@ -375,17 +421,6 @@ impl Runtime {
                 .deny(ev, ApiError::invalid("destination is required"))
                 .await);
         }
-        if input.actor_token.is_some() {
-            return Err(self
-                .deny(
-                    ev,
-                    ApiError::new(
-                        ReasonCode::Unimplemented,
-                        "actor_token (delegation) is not supported by this server version",
-                    ),
-                )
-                .await);
-        }
         let workload = match self
             .identify(&input.subject_token, &input.subject_token_type)
             .await
@@ -402,6 +437,21 @@ impl Runtime {
         // The verified claims policy saw (never the token): what `policy dry-run`
         // replays a proposed policy against.
         ev.detail["claims"] = serde_json::Value::Object(workload.claims.clone());
+        // Delegation (RFC 8693): the actor token's workload acts for the subject.
+        let actor = match &input.actor_token {
+            None => None,
+            Some(token) => match self
+                .delegation(token, &input.actor_token_type, &workload)
+                .await
+            {
+                Ok(a) => {
+                    ev.detail["actor_chain"] = json!(a.chain);
+                    Some(a)
+                }
+                Err(e) => return Err(self.deny(ev, e).await),
+            },
+        };
+        let chain: &[String] = actor.as_ref().map_or(&[], |a| a.chain.as_slice());
         let snap = self.snapshot();
         let Some(dest) = snap.destinations.get(&input.destination) else {
             return Err(self
@@ -419,10 +469,44 @@ impl Runtime {
                 Ok(v) => v,
                 Err(e) => return Err(self.deny(ev, e).await),
             };
-        ev.detail["ttl_secs"] = json!(ttl.as_secs());
         let now = self.clock.now_unix();
+        let ttl = match &actor {
+            Some(a) => match a.attenuate(&workload, &scopes, ttl, now) {
+                Ok(t) => t,
+                Err(e) => return Err(self.deny(ev, e).await),
+            },
+            None => ttl,
+        };
+        ev.detail["ttl_secs"] = json!(ttl.as_secs());
+        let subject = workload.id.to_string();
         let (decision, scopes) = narrow_scopes(&scopes, |s| {
-            self.decide(Action::Exchange, &workload, dest, s, ttl, now)
+            let d = self.decide(
+                Action::Exchange,
+                &workload,
+                dest,
+                s,
+                ttl,
+                now,
+                chain,
+                &subject,
+            );
+            match &actor {
+                // A delegated request needs the actor's act_for as well.
+                Some(a) if d.allowed => {
+                    let act = self.decide(
+                        Action::ActFor,
+                        &a.workload,
+                        dest,
+                        s,
+                        ttl,
+                        now,
+                        chain,
+                        &subject,
+                    );
+                    if act.allowed { d } else { act }
+                }
+                _ => d,
+            }
         });
         if decision.allowed && scopes.len() < input.scopes.len() {
             ev.detail["requested_scopes"] = json!(input.scopes);
@@ -443,7 +527,6 @@ impl Runtime {
         }
         let ttl = cap_ttl(ttl, &decision, &mut ev);
         let grant_id = GrantId::generate();
-        let no_actors: [String; 0] = [];
         let issued = match dest
             .adapter
             .issue(IssueRequest {
@@ -454,7 +537,7 @@ impl Runtime {
                 scopes: &scopes,
                 ttl,
                 now,
-                actor_chain: &no_actors,
+                actor_chain: chain,
                 claims: &workload.claims,
             })
             .instrument(crate::telemetry::issue_span(
@@ -474,7 +557,7 @@ impl Runtime {
             task_id: workload.task.as_ref().map(|t| t.to_string()),
             destination: dest.spec.name.clone(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
-            actor_chain: vec![],
+            actor_chain: chain.to_vec(),
             issued_at: now,
             expires_at: issued.expires_at,
             status: GrantStatus::Active,
@@ -505,6 +588,7 @@ impl Runtime {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
         action: Action,
@@ -513,6 +597,8 @@ impl Runtime {
         scopes: &[Scope],
         ttl: Ttl,
         now: i64,
+        delegation: &[String],
+        subject: &str,
     ) -> Decision {
         let scope_strings: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
         let task = workload.task.as_ref().map(|t| t.as_str().to_string());
@@ -530,6 +616,8 @@ impl Runtime {
             ttl_secs: ttl.as_secs(),
             task_id: task.as_deref(),
             now,
+            delegation,
+            subject,
         });
         span.record(
             "lanyard.decision",
@@ -640,7 +728,24 @@ impl Runtime {
             .iter()
             .filter_map(|s| Scope::parse(s).ok())
             .collect();
-        let decision = self.decide(Action::Renew, &workload, dest, &scopes, ttl, now);
+        if !grant.actor_chain.is_empty() {
+            let e = ApiError::new(
+                ReasonCode::DelegationDenied,
+                "a delegated grant is not renewed: exchange again with a fresh actor token",
+            );
+            return Err(self.deny(ev, e).await);
+        }
+        let subject = workload.id.to_string();
+        let decision = self.decide(
+            Action::Renew,
+            &workload,
+            dest,
+            &scopes,
+            ttl,
+            now,
+            &[],
+            &subject,
+        );
         ev.policy_version = Some(decision.policy_version.clone());
         ev.scopes.clone_from(&grant.scopes);
         ev.detail = json!({"determining_policies": decision.determining_policies});
@@ -755,6 +860,96 @@ impl Runtime {
 }
 
 /// Check scopes, TTL and audience against the destination.
+/// A verified actor and the delegation chain it forms.
+pub struct Delegation {
+    /// The actor's workload.
+    pub workload: Workload,
+    /// Actors, nearest first: the actor token's workload, then earlier actors the
+    /// subject token names in its own `act` claim.
+    pub chain: Vec<String>,
+}
+
+impl Delegation {
+    /// Each hop may only narrow: the scopes must be within what the actor token and the
+    /// subject token allow (their `scope` or `scp` claim, when present), and the TTL is
+    /// cut to what is left of both tokens' lifetimes.
+    ///
+    /// # Errors
+    /// `DELEGATION_DENIED` naming the scope that would widen a token's.
+    pub fn attenuate(
+        &self,
+        subject: &Workload,
+        scopes: &[Scope],
+        ttl: Ttl,
+        now: i64,
+    ) -> Result<Ttl, ApiError> {
+        for (who, claims) in [
+            ("actor", &self.workload.claims),
+            ("subject", &subject.claims),
+        ] {
+            if let Some(allowed) = scope_claim(claims)
+                && let Some(s) = scopes.iter().find(|s| !allowed.contains(&s.to_string()))
+            {
+                return Err(ApiError::new(
+                    ReasonCode::DelegationDenied,
+                    format!(
+                        "the {who} token allows scopes [{}]; {s} would widen them",
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
+        let left = [&self.workload.claims, &subject.claims]
+            .iter()
+            .filter_map(|c| c.get("exp").and_then(serde_json::Value::as_i64))
+            .map(|exp| exp - now)
+            .min()
+            .unwrap_or(i64::MAX)
+            .max(1);
+        match u64::try_from(left) {
+            Ok(left) if left < ttl.as_secs() => {
+                Ttl::from_secs(left).map_err(|e| ApiError::internal(&e))
+            }
+            _ => Ok(ttl),
+        }
+    }
+}
+
+/// The `sub` of each earlier actor named in a token's nested `act` claim (RFC 8693 §4.1).
+fn prior_actors(claims: &serde_json::Map<String, serde_json::Value>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut act = claims.get("act");
+    while let Some(serde_json::Value::Object(a)) = act {
+        if out.len() >= 16 {
+            break;
+        }
+        out.push(
+            a.get("sub")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("(unnamed actor)")
+                .to_owned(),
+        );
+        act = a.get("act");
+    }
+    out
+}
+
+/// A token's scopes: `scope` (space-separated, RFC 8693) or `scp` (a list).
+fn scope_claim(claims: &serde_json::Map<String, serde_json::Value>) -> Option<Vec<String>> {
+    match (claims.get("scope"), claims.get("scp")) {
+        (Some(serde_json::Value::String(s)), _) => {
+            Some(s.split_whitespace().map(str::to_owned).collect())
+        }
+        (_, Some(serde_json::Value::Array(a))) => Some(
+            a.iter()
+                .filter_map(serde_json::Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
 /// The TTL after the policy's cap (`@max_ttl_secs` on the permits that allowed it); a
 /// cap that shortened it is noted in the audit event.
 fn cap_ttl(ttl: Ttl, decision: &Decision, ev: &mut NewAuditEvent) -> Ttl {

@@ -349,6 +349,10 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         cfg.audit.checkpoint_interval,
         shutdown_rx.clone(),
     ));
+    rt.max_delegation_depth.store(
+        cfg.max_delegation_depth,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     tokio::spawn(crate::audit::head_metric(rt.clone(), shutdown_rx.clone()));
     crate::audit::start_sinks(&rt, &cfg, &shutdown_rx)?;
     tokio::spawn(crate::audit::issuer_key_events(

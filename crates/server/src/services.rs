@@ -103,6 +103,7 @@ impl ExchangeService for ExchangeSvc {
             subject_token: Secret::new(r.subject_token),
             subject_token_type: r.subject_token_type,
             actor_token: (!r.actor_token.is_empty()).then(|| Secret::new(r.actor_token)),
+            actor_token_type: r.actor_token_type,
             destination: r.destination,
             scopes: r.scopes,
             ttl_secs: r.requested_ttl_seconds,
@@ -639,6 +640,8 @@ impl AdminService for AdminSvc {
                                     ttl_secs: ttl.as_secs(),
                                     task_id: task.as_deref(),
                                     now: self.rt.clock.now_unix(),
+                                    delegation: &[],
+                                    subject: w.id.as_str(),
                                 });
                             out.allowed = d.allowed;
                             out.policy_version = d.policy_version;
