@@ -434,3 +434,61 @@ when { principal.id == "spiffe://lanyard.local/ci/builder" };
         .unwrap_err();
     assert_eq!(reason(&err), "CONFIG_INVALID");
 }
+
+#[tokio::test]
+async fn a_permit_can_limit_active_grants_per_workload() {
+    let (l, issuer) = start(KeyAlg::Es256, Keys::Inline).await;
+    let limited = r#"
+@id("builder-two-at-a-time")
+@max_active_grants("2")
+permit (principal, action, resource == Lanyard::Destination::"orders")
+when { principal.id == "spiffe://lanyard.local/ci/builder" };
+"#;
+    l.admin()
+        .await
+        .put_policy(pb::PutPolicyRequest {
+            text: limited.into(),
+            activate: true,
+            comment: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut c = l.exchange().await;
+    let token = || issuer.mint(&claims(&issuer, "builder", "r"));
+    let first = c
+        .exchange(exchange_req(token(), &["read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    c.exchange(exchange_req(token(), &["read"])).await.unwrap();
+    let err = c
+        .exchange(exchange_req(token(), &["read"]))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "POLICY_DENIED");
+    assert!(
+        err.message().contains("holds 2 active grants"),
+        "{}",
+        err.message()
+    );
+    // Releasing one makes room again.
+    c.release(pb::ReleaseRequest {
+        grant_id: first.grant_id,
+        subject_token: token(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.exchange(exchange_req(token(), &["read"])).await.unwrap();
+    // A malformed limit is refused at upload.
+    let err = l
+        .admin()
+        .await
+        .put_policy(pb::PutPolicyRequest {
+            text: limited.replace("\"2\"", "\"0\""),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "CONFIG_INVALID");
+}

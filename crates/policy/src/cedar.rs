@@ -64,6 +64,9 @@ pub const NAMESPACE: &str = "Lanyard";
 pub const SCHEMA: &str = include_str!("lanyard.cedarschema");
 /// The annotation that caps the TTL a permit grants, in seconds.
 pub const MAX_TTL_ANNOTATION: &str = "max_ttl_secs";
+/// The annotation that caps how many active grants a workload may hold when the permit
+/// carrying it allowed the request.
+pub const MAX_ACTIVE_GRANTS_ANNOTATION: &str = "max_active_grants";
 
 /// The parsed [`SCHEMA`].
 pub fn schema() -> &'static Schema {
@@ -236,6 +239,8 @@ pub struct CedarAuthorizer {
     slices: Slices,
     /// `@max_ttl_secs` of the permits that carry it, by policy ID.
     ttl_caps: HashMap<String, u64>,
+    /// `@max_active_grants` of the permits that carry it, by policy ID.
+    grant_caps: HashMap<String, u64>,
     version: String,
     cedar: cedar_policy::Authorizer,
     workload_type: EntityTypeName,
@@ -244,7 +249,9 @@ pub struct CedarAuthorizer {
 }
 
 /// A parsed, validated policy set and its TTL caps.
-fn load(text: &str) -> Result<(PolicySet, HashMap<String, u64>)> {
+type Caps = HashMap<String, u64>;
+
+fn load(text: &str) -> Result<(PolicySet, Caps, Caps)> {
     let parsed = PolicySet::from_str(text).map_err(|errs| PolicyError::Parse {
         message: render_errors(text, errs.iter()),
     })?;
@@ -257,6 +264,7 @@ fn load(text: &str) -> Result<(PolicySet, HashMap<String, u64>)> {
     let mut policies = PolicySet::new();
     let mut seen = HashSet::new();
     let mut ttl_caps = HashMap::new();
+    let mut grant_caps = HashMap::new();
     for policy in parsed.policies() {
         let policy = match policy.annotation("id") {
             Some("") => {
@@ -285,6 +293,24 @@ fn load(text: &str) -> Result<(PolicySet, HashMap<String, u64>)> {
                     message: format!(
                         "policy {id}: @{MAX_TTL_ANNOTATION}({value:?}) is not a positive whole \
                          number of seconds"
+                    ),
+                })?,
+            );
+        }
+        if let Some(value) = policy.annotation(MAX_ACTIVE_GRANTS_ANNOTATION) {
+            if policy.effect() == Effect::Forbid {
+                return Err(PolicyError::Parse {
+                    message: format!(
+                        "policy {id}: @{MAX_ACTIVE_GRANTS_ANNOTATION} applies to permit policies only"
+                    ),
+                });
+            }
+            grant_caps.insert(
+                id.clone(),
+                parse_ttl_cap(value).ok_or_else(|| PolicyError::Parse {
+                    message: format!(
+                        "policy {id}: @{MAX_ACTIVE_GRANTS_ANNOTATION}({value:?}) is not a positive \
+                         whole number"
                     ),
                 })?,
             );
@@ -324,7 +350,7 @@ fn load(text: &str) -> Result<(PolicySet, HashMap<String, u64>)> {
     for warning in warnings {
         tracing::warn!(%warning, "policy validation warning");
     }
-    Ok((policies, ttl_caps))
+    Ok((policies, ttl_caps, grant_caps))
 }
 
 /// A `@max_ttl_secs` value: ASCII digits, at least 1.
@@ -345,11 +371,12 @@ impl CedarAuthorizer {
     /// does not parse, does not validate against the schema, contains templates, or has a
     /// malformed `@max_ttl_secs`; [`PolicyError::DuplicateId`].
     pub fn from_text(text: &str, version: &str) -> Result<Self> {
-        let (policies, ttl_caps) = load(text)?;
+        let (policies, ttl_caps, grant_caps) = load(text)?;
         Ok(Self {
             slices: Slices::new(&policies)?,
             policies,
             ttl_caps,
+            grant_caps,
             version: version.to_owned(),
             cedar: cedar_policy::Authorizer::new(),
             workload_type: type_name("Workload")?,
@@ -487,6 +514,7 @@ impl CedarAuthorizer {
             determining_policies: determining,
             errors,
             max_ttl_secs: None,
+            max_active_grants: None,
         }
     }
 }
@@ -539,6 +567,11 @@ impl Authorizer for CedarAuthorizer {
             max_ttl_secs: permits
                 .iter()
                 .filter_map(|id| self.ttl_caps.get(id))
+                .min()
+                .copied(),
+            max_active_grants: permits
+                .iter()
+                .filter_map(|id| self.grant_caps.get(id))
                 .min()
                 .copied(),
             determining_policies: permits,

@@ -100,6 +100,10 @@ pub struct Decision {
     /// which the caller clamps the grant's TTL to; `None` if none carries one, and
     /// always `None` when denied.
     pub max_ttl_secs: Option<u64>,
+    /// When allowed: the smallest `@max_active_grants("...")` among the determining
+    /// permits: the workload may hold at most this many active grants (the server counts
+    /// them and refuses beyond). `None` when no permit carries one, and when denied.
+    pub max_active_grants: Option<u64>,
 }
 
 /// Makes decisions. Implementations are immutable snapshots of one policy version;

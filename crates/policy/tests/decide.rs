@@ -99,6 +99,7 @@ fn empty_policy_set_denies() {
             determining_policies: vec![],
             errors: vec![],
             max_ttl_secs: None,
+            max_active_grants: None,
         }
     );
     assert_eq!(a.version(), "test-v1");

@@ -525,6 +525,26 @@ impl Runtime {
         if let Err(e) = self.audit_delivery_ok(&dest.spec) {
             return Err(self.deny(ev, e).await);
         }
+        if let Some(max) = decision.max_active_grants {
+            let held = match self
+                .store
+                .grant_count_active(Some(workload.id.as_str()), now)
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => return Err(self.deny(ev, e.into()).await),
+            };
+            if held >= max {
+                let msg = format!(
+                    "workload {} holds {held} active grants; policy {} allows at most {max}",
+                    workload.id,
+                    decision.determining_policies.join(", ")
+                );
+                return Err(self
+                    .deny(ev, ApiError::new(ReasonCode::PolicyDenied, msg))
+                    .await);
+            }
+        }
         let ttl = cap_ttl(ttl, &decision, &mut ev);
         let grant_id = GrantId::generate();
         let issued = match dest
