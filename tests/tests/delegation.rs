@@ -199,3 +199,46 @@ async fn each_hop_only_narrows_and_the_chain_is_bounded() {
         )
     );
 }
+
+#[tokio::test]
+async fn the_cli_exchanges_with_an_actor_token() {
+    let (l, issuer) = start_delegation().await;
+    let dir = l.data_dir().parent().unwrap().to_owned();
+    let subject = dir.join("subject.jwt");
+    let actor = dir.join("actor.jwt");
+    std::fs::write(&subject, issuer.mint(&claims(&issuer, "builder", "r"))).unwrap();
+    std::fs::write(&actor, issuer.mint(&claims(&issuer, "agent", "s"))).unwrap();
+    let out = tokio::process::Command::new(lanyard_testkit::process::binary())
+        .args([
+            "--grpc",
+            &l.grpc,
+            "--output",
+            "json",
+            "exchange",
+            "--token-file",
+        ])
+        .arg(&subject)
+        .arg("--actor-token-file")
+        .arg(&actor)
+        .args(["--destination", "orders", "--scope", "read"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["workload_id"], "spiffe://lanyard.local/ci/builder", "{r}");
+    let grants = l
+        .admin()
+        .await
+        .list_grants(pb::ListGrantsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert_eq!(grants[0].actor_chain, ["spiffe://lanyard.local/ci/agent"]);
+}

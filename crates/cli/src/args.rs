@@ -191,6 +191,10 @@ pub struct ExchangeArgs {
     /// Write the grant ID to this file (mode 0600), for renew and release.
     #[arg(long, value_name = "FILE")]
     pub save_grant: Option<PathBuf>,
+    /// Delegation (RFC 8693): a file holding the actor's token; the credential is for
+    /// the subject token's workload, with this actor in its `act` claim.
+    #[arg(long, value_name = "FILE")]
+    pub actor_token_file: Option<PathBuf>,
 }
 
 /// Which grant: by ID or from a file written by `exchange --save-grant`.

@@ -633,6 +633,11 @@ pub fn audit_line(e: &pb::AuditEvent) -> String {
     let mut line = format!("{:>6}  {}  {:<20}", e.seq, audit_time(e), e.kind);
     for f in AUDIT_FIELDS {
         if let Some(v) = payload.get(*f).and_then(Value::as_str) {
+            // Long hashes shortened for reading; `--output json` has them whole.
+            let v = match (*f, v.char_indices().nth(24)) {
+                ("subject_fingerprint" | "trace_id", Some((cut, _))) => format!("{}…", &v[..cut]),
+                _ => v.to_owned(),
+            };
             line.push_str(&format!(" {f}={v}"));
         }
     }

@@ -115,6 +115,7 @@ fn print_exchange(g: &GlobalArgs, r: &pb::ExchangeResponse) -> anyhow::Result<()
 /// When the token cannot be read, lanyard cannot be reached, or refuses.
 pub async fn exchange(g: &GlobalArgs, a: &ExchangeArgs) -> anyhow::Result<()> {
     let token = read_token(&a.token.token_file)?;
+    let actor = a.actor_token_file.as_deref().map(read_token).transpose()?;
     let mut client = exchange_client(&g.grpc).await?;
     let r = client
         .exchange(pb::ExchangeRequest {
@@ -123,6 +124,12 @@ pub async fn exchange(g: &GlobalArgs, a: &ExchangeArgs) -> anyhow::Result<()> {
             scopes: a.scopes.clone(),
             requested_ttl_seconds: a.ttl.unwrap_or(0),
             audience: a.audience.clone().unwrap_or_default(),
+            actor_token_type: if actor.is_some() {
+                "urn:ietf:params:oauth:token-type:jwt".into()
+            } else {
+                String::new()
+            },
+            actor_token: actor.map(Secret::into_inner).unwrap_or_default(),
             ..Default::default()
         })
         .await

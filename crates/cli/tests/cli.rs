@@ -500,3 +500,40 @@ fn policy_commands_parse() {
         "a version is required"
     );
 }
+
+#[test]
+fn an_audit_line_is_readable() {
+    use lanyard_proto::v1 as pb;
+    let fp = format!("hmac-sha256:{}", "ab".repeat(32));
+    let e = pb::AuditEvent {
+        seq: 7,
+        time: Some(prost_types::Timestamp {
+            seconds: 1_795_000_000,
+            nanos: 0,
+        }),
+        kind: "exchange.granted".into(),
+        payload_json: serde_json::json!({
+            "decision": "allow",
+            "workload_id": "spiffe://lanyard.local/ci/builder",
+            "subject_fingerprint": fp,
+            "scopes": ["read", "write"],
+            "policy_version": "v2",
+        })
+        .to_string(),
+        ..Default::default()
+    };
+    let line = lanyard_cli::output::audit_line(&e);
+    assert!(line.starts_with("     7  2026-"), "{line}");
+    assert!(line.contains("exchange.granted"), "{line}");
+    assert!(
+        line.contains("workload_id=spiffe://lanyard.local/ci/builder"),
+        "{line}"
+    );
+    assert!(line.contains("policy_version=v2"), "{line}");
+    assert!(line.contains("scopes=read,write"), "{line}");
+    assert!(
+        line.contains("subject_fingerprint=hmac-sha256:abababababab…"),
+        "{line}"
+    );
+    assert!(!line.contains(&fp), "long hashes are shortened: {line}");
+}
