@@ -58,6 +58,10 @@ use sha2::{Digest, Sha256};
 
 use crate::{Action, Authorizer, Decision, DecisionRequest, PolicyError, Result};
 
+mod prefilter;
+
+use prefilter::Guard;
+
 /// Cedar namespace of lanyard's entity types.
 pub const NAMESPACE: &str = "Lanyard";
 /// The Cedar schema (human-readable syntax) every policy set is validated against.
@@ -533,7 +537,7 @@ impl Authorizer for CedarAuthorizer {
         let mut permits = Vec::new();
         let mut forbids = Vec::new();
         let mut errors = Vec::new();
-        for set in self.slices.for_request(req.action, req.destination) {
+        for set in self.slices.for_request(req) {
             let response = self.cedar.is_authorized(&request, set, &entities);
             let diagnostics = response.diagnostics();
             for err in diagnostics.errors() {
@@ -586,7 +590,8 @@ impl Authorizer for CedarAuthorizer {
 
 // === impl Slices ===
 
-/// The policy set split by action and by the destination a policy's scope names.
+/// The policy set split by action and by the destination a policy's scope names, each
+/// policy with its [`Guard`].
 ///
 /// ## Why
 /// Cedar evaluates every policy of a set on every request, and each evaluation copies
@@ -594,13 +599,25 @@ impl Authorizer for CedarAuthorizer {
 /// says `resource == Lanyard::Destination::"x"` (or `action == ...`) is false, without
 /// error, for any other destination (or action), so leaving it out of those requests'
 /// sets changes no decision: the slices evaluated for one request hold exactly the
-/// policies whose scope can match it.
+/// policies whose scope can match it. Within a slice, a policy whose guard is certainly
+/// false for the request (see [`prefilter`]) is skipped for the same reason.
 #[derive(Debug, Clone, Default)]
 struct Slices {
     /// Per action: policies whose resource scope names no single destination.
-    any_destination: [PolicySet; ACTIONS.len()],
+    any_destination: [Slice; ACTIONS.len()],
     /// Per destination named in a resource scope, per action: those policies.
-    by_destination: HashMap<String, [PolicySet; ACTIONS.len()]>,
+    by_destination: HashMap<String, [Slice; ACTIONS.len()]>,
+}
+
+/// The policies of one action (and destination).
+#[derive(Debug, Clone, Default)]
+struct Slice {
+    /// Those without a useful guard, evaluated together.
+    unguarded: PolicySet,
+    /// Those with one, each in a set of its own, evaluated unless its guard (same index)
+    /// rules it out. Two vectors, so the guards checked on every request sit together.
+    guarded: Vec<PolicySet>,
+    guards: Vec<Guard>,
 }
 
 const ACTIONS: [Action; 3] = [Action::Exchange, Action::Renew, Action::ActFor];
@@ -620,26 +637,55 @@ impl Slices {
                 | ResourceConstraint::IsIn(_, uid) => Some(uid.id().unescaped().to_owned()),
                 ResourceConstraint::Any | ResourceConstraint::Is(_) => None,
             };
+            let guard = Guard::of(policy);
+            let add = |set: &mut PolicySet| {
+                set.add(policy.clone())
+                    .map_err(|_| PolicyError::DuplicateId(policy.id().to_string()))
+            };
             let sets = match destination {
                 Some(name) => slices.by_destination.entry(name).or_default(),
                 None => &mut slices.any_destination,
             };
             for (i, action) in ACTIONS.into_iter().enumerate() {
-                if applies(action) {
-                    sets[i]
-                        .add(policy.clone())
-                        .map_err(|_| PolicyError::DuplicateId(policy.id().to_string()))?;
+                if !applies(action) {
+                    continue;
+                }
+                if guard.is_useful() {
+                    let mut own = PolicySet::new();
+                    add(&mut own)?;
+                    sets[i].guarded.push(own);
+                    sets[i].guards.push(guard.clone());
+                } else {
+                    add(&mut sets[i].unguarded)?;
                 }
             }
         }
         Ok(slices)
     }
 
-    /// The sets to evaluate for `action` on `destination`: at most two, none empty.
-    fn for_request(&self, action: Action, destination: &str) -> impl Iterator<Item = &PolicySet> {
-        let i = ACTIONS.iter().position(|a| *a == action).unwrap_or(0);
+    /// The sets to evaluate for `req`: the policies whose scope can match it, less those
+    /// whose guard rules them out; none empty.
+    fn for_request<'s>(
+        &'s self,
+        req: &'s DecisionRequest<'_>,
+    ) -> impl Iterator<Item = &'s PolicySet> {
+        let i = ACTIONS.iter().position(|a| *a == req.action).unwrap_or(0);
         std::iter::once(&self.any_destination[i])
-            .chain(self.by_destination.get(destination).map(|sets| &sets[i]))
+            .chain(
+                self.by_destination
+                    .get(req.destination)
+                    .map(|sets| &sets[i]),
+            )
+            .flat_map(move |slice| {
+                std::iter::once(&slice.unguarded).chain(
+                    slice
+                        .guards
+                        .iter()
+                        .zip(&slice.guarded)
+                        .filter(move |(guard, _)| guard.eval(req) != Some(false))
+                        .map(|(_, set)| set),
+                )
+            })
             .filter(|set| !set.is_empty())
     }
 }
@@ -898,6 +944,212 @@ mod tests {
             }
         }
         assert!(checked > 10, "the cases include allows ({checked})");
+    }
+
+    /// A small deterministic generator (xorshift), so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn pick<'t, T>(&mut self, items: &'t [T]) -> &'t T {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            &items[(self.0 % items.len() as u64) as usize]
+        }
+    }
+
+    /// Condition atoms: the guard kinds (each literal sometimes true, sometimes not), ones
+    /// only Cedar decides, and ones that fail (overflow) for some requests.
+    const ATOMS: &[&str] = &[
+        r#"principal.id like "spiffe://x/a*""#,
+        r#"principal.id like "*b?*""#,
+        r#"principal.id like "spiffe://x/*/1""#,
+        r#"principal.id == "spiffe://x/b/1""#,
+        r#"principal == Lanyard::Workload::"spiffe://x/a/1""#,
+        r#"principal.issuer == "i1""#,
+        r#"context.issuer == "i2""#,
+        r#"context.token_source != "i1""#,
+        r#"context.task_id != """#,
+        r#"context.actor == "spiffe://x/a/1""#,
+        r#"context.subject like "*/2""#,
+        r#"resource.name == "a""#,
+        r#"resource.kind == "jwt""#,
+        r#"resource.hasTag("env")"#,
+        r#"(resource.hasTag("env") && resource.getTag("env") == "prod")"#,
+        r#"principal.hasTag("team")"#,
+        r#"(principal.hasTag("team") && principal.getTag("team") == "t1")"#,
+        r#"(principal.hasTag("n") && principal.getTag("n") == "42")"#,
+        r#"(principal.hasTag("n") && principal.getTag("n") == "true")"#,
+        r#"principal.claims has repository"#,
+        r#"principal.claims has exp"#,
+        r#"principal.claims has email_verified"#,
+        r#"(principal.claims has repository && principal.claims.repository == "r1")"#,
+        r#"context.scopes.contains("r")"#,
+        r#"context.ttl_secs > 60"#,
+        r#"context.ttl_secs * 100000000000000000 > 0"#,
+        r#"context.now + 9223372036854775000 > 0"#,
+        "true",
+        "false",
+    ];
+
+    fn generated_expr(rng: &mut Rng, depth: usize) -> String {
+        let atom = rng.pick(ATOMS).to_string();
+        if depth == 0 {
+            return atom;
+        }
+        match *rng.pick(&[0, 1, 2, 3, 4]) {
+            0 => format!("({atom} && {})", generated_expr(rng, depth - 1)),
+            1 => format!("({} && {atom})", generated_expr(rng, depth - 1)),
+            2 => format!("({atom} || {})", generated_expr(rng, depth - 1)),
+            3 => format!("!({})", generated_expr(rng, depth - 1)),
+            _ => atom,
+        }
+    }
+
+    /// `n` policies that each validate, of every effect, scope and condition shape.
+    fn generated_policies(rng: &mut Rng, n: usize) -> String {
+        let mut text = String::new();
+        let mut i = 0;
+        while i < n {
+            let effect = rng.pick(&["permit", "forbid", "permit"]);
+            let principal = rng.pick(&[
+                "principal",
+                "principal is Lanyard::Workload",
+                r#"principal == Lanyard::Workload::"spiffe://x/a/1""#,
+                r#"principal == Lanyard::Workload::"spiffe://x/b/2""#,
+            ]);
+            let action = rng.pick(&[
+                "action",
+                r#"action == Lanyard::Action::"exchange""#,
+                r#"action in [Lanyard::Action::"renew", Lanyard::Action::"act_for"]"#,
+            ]);
+            let resource = rng.pick(&[
+                "resource",
+                "resource",
+                r#"resource == Lanyard::Destination::"a""#,
+                r#"resource == Lanyard::Destination::"b""#,
+            ]);
+            let mut policy = format!("@id(\"g{i}\") {effect} ({principal}, {action}, {resource})");
+            for _ in 0..*rng.pick(&[0, 1, 1, 2]) {
+                let kind = rng.pick(&["when", "when", "unless"]);
+                let depth = *rng.pick(&[0, 1, 2, 3]);
+                let _ = write!(policy, " {kind} {{ {} }}", generated_expr(rng, depth));
+            }
+            policy.push_str(";\n");
+            // Some combinations are refused (e.g. a policy that can never apply); skip them.
+            if validate(&policy).is_ok() {
+                text.push_str(&policy);
+                i += 1;
+            }
+        }
+        text
+    }
+
+    /// Evaluating only the policies whose scope matches and whose guard does not rule
+    /// them out gives the same decision, determining policies and errors as evaluating
+    /// the whole set, including forbids that fail; and each guard that decides agrees
+    /// with Cedar's evaluation of its policy alone.
+    #[test]
+    fn slicing_and_prefiltering_change_no_decision() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut decided = [0usize; 2];
+        let mut allowed = 0;
+        let mut failed = 0;
+        for round in 0..10 {
+            let a = CedarAuthorizer::from_text(&generated_policies(&mut rng, 60), "v").unwrap();
+            let claim_sets = [
+                json!({}),
+                json!({"repository": "r1", "team": "t1", "n": 42, "exp": 1, "email_verified": true}),
+                json!({"repository": "r2", "team": "t2", "n": "42", "exp": "soon"}),
+                json!({"repository": 5, "team": true, "n": true, "email_verified": "yes"}),
+                json!({"team": ["t1"], "n": 42.5, "exp": u64::MAX}),
+            ];
+            let labels = [
+                BTreeMap::new(),
+                BTreeMap::from([("env".to_owned(), "prod".to_owned())]),
+                BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
+            ];
+            for _ in 0..150 {
+                let claims = rng.pick(&claim_sets).as_object().unwrap();
+                let workload_id = *rng.pick(&[
+                    "spiffe://x/a/1",
+                    "spiffe://x/b/1",
+                    "spiffe://x/b/2",
+                    "spiffe://x/ab?/1",
+                    "spiffe://x/é/1",
+                    "",
+                ]);
+                let delegation = [rng.pick(&["spiffe://x/a/1", "spiffe://x/c/2"]).to_string()];
+                let scopes = vec![rng.pick(&["r", "w"]).to_string()];
+                let req = DecisionRequest {
+                    workload_id,
+                    issuer: rng.pick::<&str>(&["i1", "i2"]),
+                    claims,
+                    destination: rng.pick::<&str>(&["a", "b", "c"]),
+                    destination_kind: rng.pick::<&str>(&["jwt", "aws"]),
+                    destination_labels: rng.pick(&labels),
+                    action: *rng.pick(&ACTIONS),
+                    scopes: &scopes,
+                    ttl_secs: *rng.pick(&[30, 600]),
+                    task_id: *rng.pick(&[None, Some("t")]),
+                    now: *rng.pick(&[0, 1_750_000_000]),
+                    delegation: if round % 2 == 0 { &delegation } else { &[] },
+                    subject: rng.pick::<&str>(&["spiffe://x/a/2", "spiffe://x/a/1"]),
+                };
+                let d = a.decide(&req);
+                let mut errors = d.errors.clone();
+                errors.sort();
+                assert_eq!(
+                    (d.allowed, d.determining_policies.clone(), errors),
+                    unsliced_with_errors(&a, &req),
+                    "{req:?}"
+                );
+                allowed += usize::from(d.allowed);
+                failed += usize::from(!d.errors.is_empty());
+                // A policy whose guard rules it out is false, without error, in Cedar
+                // alone. (A guard that says true leaves out the action and resource
+                // scopes, so Cedar may still find that policy false.)
+                let (request, entities) = a.build(&req, None).unwrap();
+                for policy in a.policies.policies() {
+                    let Some(guarded) = Guard::of(policy).eval(&req) else {
+                        continue;
+                    };
+                    decided[usize::from(guarded)] += 1;
+                    if guarded {
+                        continue;
+                    }
+                    let mut alone = PolicySet::new();
+                    alone.add(policy.clone()).unwrap();
+                    let response = a.cedar.is_authorized(&request, &alone, &entities);
+                    let diagnostics = response.diagnostics();
+                    assert_eq!(diagnostics.errors().count(), 0, "{policy} {req:?}");
+                    assert_eq!(diagnostics.reason().count(), 0, "{policy} {req:?}");
+                }
+            }
+        }
+        assert!(allowed > 50, "the cases include allows ({allowed})");
+        assert!(failed > 50, "the cases include failing policies ({failed})");
+        assert!(
+            decided[0] > 5_000 && decided[1] > 5_000,
+            "guards decide often, both ways ({decided:?})"
+        );
+    }
+
+    /// [`unsliced`], with the evaluation errors (sorted).
+    fn unsliced_with_errors(
+        a: &CedarAuthorizer,
+        req: &DecisionRequest<'_>,
+    ) -> (bool, Vec<String>, Vec<String>) {
+        let (request, entities) = a.build(req, None).unwrap();
+        let response = a.cedar.is_authorized(&request, &a.policies, &entities);
+        let mut errors: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(ToString::to_string)
+            .collect();
+        errors.sort();
+        let (allowed, determining) = unsliced(a, req);
+        (allowed, determining, errors)
     }
 
     #[test]
