@@ -60,7 +60,7 @@ use crate::{Action, Authorizer, Decision, DecisionRequest, PolicyError, Result};
 
 mod prefilter;
 
-use prefilter::Guard;
+use prefilter::{Guard, GuardIndex};
 
 /// Cedar namespace of lanyard's entity types.
 pub const NAMESPACE: &str = "Lanyard";
@@ -615,9 +615,12 @@ struct Slice {
     /// Those without a useful guard, evaluated together.
     unguarded: PolicySet,
     /// Those with one, each in a set of its own, evaluated unless its guard (same index)
-    /// rules it out. Two vectors, so the guards checked on every request sit together.
+    /// rules it out.
     guarded: Vec<PolicySet>,
     guards: Vec<Guard>,
+    /// The guards by a comparison each requires, so a request checks only the guards
+    /// the index does not rule out.
+    index: GuardIndex,
 }
 
 const ACTIONS: [Action; 3] = [Action::Exchange, Action::Renew, Action::ActFor];
@@ -660,33 +663,43 @@ impl Slices {
                 }
             }
         }
+        for slice in slices
+            .any_destination
+            .iter_mut()
+            .chain(slices.by_destination.values_mut().flatten())
+        {
+            slice.index = GuardIndex::new(&slice.guards);
+        }
         Ok(slices)
+    }
+
+    /// The slices whose scope can match `req`.
+    fn slices_for<'s>(&'s self, req: &DecisionRequest<'_>) -> impl Iterator<Item = &'s Slice> {
+        let i = ACTIONS.iter().position(|a| *a == req.action).unwrap_or(0);
+        std::iter::once(&self.any_destination[i]).chain(
+            self.by_destination
+                .get(req.destination)
+                .map(|sets| &sets[i]),
+        )
     }
 
     /// The sets to evaluate for `req`: the policies whose scope can match it, less those
     /// whose guard rules them out; none empty.
-    fn for_request<'s>(
-        &'s self,
-        req: &'s DecisionRequest<'_>,
-    ) -> impl Iterator<Item = &'s PolicySet> {
-        let i = ACTIONS.iter().position(|a| *a == req.action).unwrap_or(0);
-        std::iter::once(&self.any_destination[i])
-            .chain(
-                self.by_destination
-                    .get(req.destination)
-                    .map(|sets| &sets[i]),
-            )
-            .flat_map(move |slice| {
-                std::iter::once(&slice.unguarded).chain(
-                    slice
-                        .guards
-                        .iter()
-                        .zip(&slice.guarded)
-                        .filter(move |(guard, _)| guard.eval(req) != Some(false))
-                        .map(|(_, set)| set),
-                )
-            })
-            .filter(|set| !set.is_empty())
+    fn for_request<'s>(&'s self, req: &DecisionRequest<'_>) -> Vec<&'s PolicySet> {
+        let mut sets = Vec::new();
+        for slice in self.slices_for(req) {
+            if !slice.unguarded.is_empty() {
+                sets.push(&slice.unguarded);
+            }
+            for g in slice.index.candidates(req) {
+                if let (Some(guard), Some(set)) = (slice.guards.get(g), slice.guarded.get(g))
+                    && guard.eval(req) != Some(false)
+                {
+                    sets.push(set);
+                }
+            }
+        }
+        sets
     }
 }
 
@@ -1055,8 +1068,17 @@ mod tests {
         let mut decided = [0usize; 2];
         let mut allowed = 0;
         let mut failed = 0;
+        let mut left_out = 0;
+        let mut indexed = 0;
         for round in 0..10 {
             let a = CedarAuthorizer::from_text(&generated_policies(&mut rng, 60), "v").unwrap();
+            indexed += a
+                .slices
+                .any_destination
+                .iter()
+                .chain(a.slices.by_destination.values().flatten())
+                .map(|slice| slice.index.indexed())
+                .sum::<usize>();
             let claim_sets = [
                 json!({}),
                 json!({"repository": "r1", "team": "t1", "n": 42, "exp": 1, "email_verified": true}),
@@ -1106,6 +1128,17 @@ mod tests {
                 );
                 allowed += usize::from(d.allowed);
                 failed += usize::from(!d.errors.is_empty());
+                // The index leaves out only guards that are certainly false.
+                for slice in a.slices.slices_for(&req) {
+                    let candidates = slice.index.candidates(&req);
+                    for (g, guard) in slice.guards.iter().enumerate() {
+                        if guard.eval(&req) != Some(false) {
+                            assert!(candidates.contains(&g), "{guard:?} {req:?}");
+                        } else if !candidates.contains(&g) {
+                            left_out += 1;
+                        }
+                    }
+                }
                 // A policy whose guard rules it out is false, without error, in Cedar
                 // alone. (A guard that says true leaves out the action and resource
                 // scopes, so Cedar may still find that policy false.)
@@ -1132,6 +1165,10 @@ mod tests {
         assert!(
             decided[0] > 5_000 && decided[1] > 5_000,
             "guards decide often, both ways ({decided:?})"
+        );
+        assert!(
+            indexed > 500 && left_out > 10_000,
+            "the index files guards and rules some out ({indexed}, {left_out})"
         );
     }
 

@@ -17,6 +17,7 @@
 //! already decides: `unknown && false` is unknown, `false && unknown` is false.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use cedar_policy::{Policy, PrincipalConstraint};
 use serde_json::Value;
@@ -221,6 +222,193 @@ impl Scalar {
     }
 }
 
+// === impl GuardIndex ===
+
+/// Guards looked up by a comparison they require, so that a request checks only the
+/// guards that this comparison does not already rule out.
+///
+/// ## Why
+/// With hundreds of guards in a slice, testing each one costs more than Cedar on the few
+/// policies that survive. Most guards start with a comparison of one request value with
+/// a literal (`principal.id like "spiffe://.../team-7/*"`, `principal.issuer == "k8s"`,
+/// `resource.hasTag("team") && resource.getTag("team") == "payments"`). A guard is a
+/// left-to-right `&&` of conjuncts; if every conjunct before a comparison is decided
+/// (never unknown), the comparison being false makes the whole guard certainly false.
+/// So a guard is filed under the first such comparison, and a request looks up its own
+/// value: an exact match in a map, a `like "prefix*"` by the prefixes of the value. The
+/// guards without one stay in a list checked on every request.
+#[derive(Debug, Clone, Default)]
+pub(super) struct GuardIndex {
+    /// Indexes of the guards with no indexable comparison.
+    linear: Vec<usize>,
+    /// `attr == "v"`, `attr like "v"` (no wildcard), `principal == Workload::"v"`.
+    exact: Vec<(Attr, Postings)>,
+    /// `attr like "v*..."`.
+    prefix: Vec<(Attr, Prefixes)>,
+    /// `x.hasTag("k") && x.getTag("k") == "v"`, by `(x, "k")`.
+    tags: Vec<((Side, String), Postings)>,
+}
+
+/// Guard indexes by the literal value they compare with.
+type Postings = HashMap<String, Vec<usize>>;
+
+/// Guard indexes by the literal prefix of their `like` pattern.
+#[derive(Debug, Clone, Default)]
+struct Prefixes {
+    /// The distinct prefix lengths, in bytes: a value is looked up by each.
+    lens: Vec<usize>,
+    by_prefix: Postings,
+}
+
+/// A comparison a guard requires: if it is false, the guard is certainly false.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    Exact(Attr, String),
+    Prefix(Attr, String),
+    Tag(Side, String, String),
+}
+
+impl GuardIndex {
+    pub(super) fn new(guards: &[Guard]) -> Self {
+        let mut index = GuardIndex::default();
+        for (i, guard) in guards.iter().enumerate() {
+            match guard.key() {
+                None => index.linear.push(i),
+                Some(Key::Exact(attr, v)) => {
+                    entry(&mut index.exact, attr).entry(v).or_default().push(i);
+                }
+                Some(Key::Prefix(attr, v)) => {
+                    let prefixes = entry(&mut index.prefix, attr);
+                    if !prefixes.lens.contains(&v.len()) {
+                        prefixes.lens.push(v.len());
+                    }
+                    prefixes.by_prefix.entry(v).or_default().push(i);
+                }
+                Some(Key::Tag(side, k, v)) => {
+                    entry(&mut index.tags, (side, k))
+                        .entry(v)
+                        .or_default()
+                        .push(i);
+                }
+            }
+        }
+        index
+    }
+
+    /// The indexes, ascending, of the guards that the index does not rule out for `req`:
+    /// every guard left out is certainly false.
+    pub(super) fn candidates(&self, req: &DecisionRequest<'_>) -> Vec<usize> {
+        let mut out = self.linear.clone();
+        for (attr, postings) in &self.exact {
+            out.extend(postings.get(attr.of(req)).into_iter().flatten());
+        }
+        for (attr, prefixes) in &self.prefix {
+            let text = attr.of(req);
+            for len in &prefixes.lens {
+                let found = text.get(..*len).and_then(|p| prefixes.by_prefix.get(p));
+                out.extend(found.into_iter().flatten());
+            }
+        }
+        for ((side, key), postings) in &self.tags {
+            if let Some(v) = tag(req, *side, key) {
+                out.extend(postings.get(v.as_ref()).into_iter().flatten());
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+}
+
+#[cfg(test)]
+impl GuardIndex {
+    /// How many guards are filed under a comparison (not checked on every request).
+    pub(super) fn indexed(&self) -> usize {
+        let count = |p: &Postings| p.values().map(Vec::len).sum::<usize>();
+        self.exact.iter().map(|(_, p)| count(p)).sum::<usize>()
+            + self
+                .prefix
+                .iter()
+                .map(|(_, p)| count(&p.by_prefix))
+                .sum::<usize>()
+            + self.tags.iter().map(|(_, p)| count(p)).sum::<usize>()
+    }
+}
+
+/// The value for `k` in `list`, added (empty) if missing. The lists are short: one entry
+/// per attribute or tag that some guard compares.
+fn entry<K: PartialEq, V: Default>(list: &mut Vec<(K, V)>, k: K) -> &mut V {
+    let at = match list.iter().position(|(key, _)| *key == k) {
+        Some(at) => at,
+        None => {
+            list.push((k, V::default()));
+            list.len() - 1
+        }
+    };
+    &mut list[at].1
+}
+
+impl Guard {
+    /// The first comparison among the guard's leading conjuncts that the index can look
+    /// up, provided every conjunct before it is decided on every request.
+    fn key(&self) -> Option<Key> {
+        let mut conjuncts = Vec::new();
+        self.conjuncts(&mut conjuncts);
+        for (n, c) in conjuncts.iter().enumerate() {
+            let key = match c {
+                Guard::Eq(attr, v) => Some(Key::Exact(*attr, v.clone())),
+                Guard::PrincipalIs(id) => Some(Key::Exact(Attr::PrincipalId, id.clone())),
+                Guard::Like(attr, pattern) => match pattern.runs.as_slice() {
+                    [exact] => Some(Key::Exact(*attr, exact.clone())),
+                    [first, ..] if !first.is_empty() => Some(Key::Prefix(*attr, first.clone())),
+                    _ => None,
+                },
+                // `hasTag` then `getTag ==` on the same tag: true exactly when the tag is
+                // that value, and never unknown.
+                Guard::HasTag(side, k) => match conjuncts.get(n + 1) {
+                    Some(Guard::TagEq(s, key, v)) if s == side && key == k => {
+                        Some(Key::Tag(*side, k.clone(), v.clone()))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            if key.is_some() {
+                return key;
+            }
+            if !c.is_total() {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// The operands of the guard's `&&`s, left to right.
+    fn conjuncts<'g>(&'g self, out: &mut Vec<&'g Guard>) {
+        match self {
+            Guard::And(a, b) => {
+                a.conjuncts(out);
+                b.conjuncts(out);
+            }
+            g => out.push(g),
+        }
+    }
+
+    /// Whether [`Guard::eval`] is `Some` on every request.
+    fn is_total(&self) -> bool {
+        match self {
+            Guard::Opaque | Guard::TagEq(..) | Guard::ClaimEq(..) => false,
+            Guard::Const(_)
+            | Guard::Eq(..)
+            | Guard::Like(..)
+            | Guard::PrincipalIs(_)
+            | Guard::HasTag(..)
+            | Guard::ClaimHas(..) => true,
+            Guard::And(a, b) | Guard::Or(a, b) => a.is_total() && b.is_total(),
+            Guard::Not(a) => a.is_total(),
+        }
+    }
+}
+
 // === reading a policy's JSON form ===
 
 /// Deeper conditions are left to Cedar; real ones are far shallower.
@@ -392,5 +580,58 @@ impl Pattern {
             }
         }
         text.ends_with(last.as_str())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::str::FromStr;
+
+    use cedar_policy::PolicySet;
+
+    use super::*;
+
+    fn key(conditions: &str) -> Option<Key> {
+        let text = format!("permit (principal, action, resource) {conditions};");
+        let set = PolicySet::from_str(&text).unwrap();
+        Guard::of(set.policies().next().unwrap()).key()
+    }
+
+    /// Each kind of key, and the cases that must stay linear: a comparison behind a
+    /// conjunct that may be unknown, an `||`, a pattern starting with a wildcard.
+    #[test]
+    fn guards_are_filed_under_their_first_required_comparison() {
+        let exact = |a, v: &str| Some(Key::Exact(a, v.to_owned()));
+        assert_eq!(
+            key(r#"when { principal.issuer == "k" && context.ttl_secs > 1 }"#),
+            exact(Attr::PrincipalIssuer, "k")
+        );
+        assert_eq!(
+            key(r#"when { principal.id like "a/b" }"#),
+            exact(Attr::PrincipalId, "a/b")
+        );
+        assert_eq!(
+            key(r#"when { principal.claims has exp && principal.id like "a/*/c" }"#),
+            Some(Key::Prefix(Attr::PrincipalId, "a/".to_owned()))
+        );
+        assert_eq!(
+            key(r#"when { resource.hasTag("t") && resource.getTag("t") == "v" }"#),
+            Some(Key::Tag(Side::Resource, "t".to_owned(), "v".to_owned()))
+        );
+        assert_eq!(
+            key(r#"when { resource.hasTag("t") } when { resource.name == "n" }"#),
+            exact(Attr::ResourceName, "n")
+        );
+        for linear in [
+            r#"when { principal.id like "*a" }"#,
+            r#"when { principal.issuer == "k" || context.issuer == "k" }"#,
+            r#"when { context.ttl_secs > 1 && principal.issuer == "k" }"#,
+            r#"when { principal.getTag("t") == "v" && principal.issuer == "k" }"#,
+            r#"when { resource.hasTag("t") && resource.getTag("u") == "v" }"#,
+            r#"unless { principal.issuer == "k" }"#,
+        ] {
+            assert_eq!(key(linear), None, "{linear}");
+        }
     }
 }
