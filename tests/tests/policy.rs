@@ -256,6 +256,22 @@ async fn granted_scopes_are_the_requested_ones_policy_allows_never_more() {
         .await
         .unwrap_err();
     assert_eq!(reason(&err), "POLICY_DENIED");
+    // Explain says the same as the exchange did.
+    let e = l
+        .admin()
+        .await
+        .explain(pb::ExplainRequest {
+            subject_token: issuer.mint(&claims(&issuer, "untrusted", "r")),
+            destination: "orders".into(),
+            scopes: vec!["read".into(), "write".into()],
+            requested_ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(e.allowed, "{e:?}");
+    assert_eq!(e.granted_scopes, ["read"]);
+    assert!(e.message.contains("narrowed"), "{}", e.message);
     // The audit event records both what was asked and what was granted.
     let granted = payloads_of(&l, "exchange.granted").await;
     assert_eq!(granted[0]["scopes"], serde_json::json!(["read"]));

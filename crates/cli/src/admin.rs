@@ -558,6 +558,15 @@ pub async fn explain(g: &GlobalArgs, e: &ExplainArgs) -> anyhow::Result<()> {
                 ("workload", or_dash(&r.workload_id)),
                 ("trust rule", or_dash(&r.trust_rule)),
                 ("issuer", or_dash(&r.issuer)),
+                ("granted scopes", or_dash(&r.granted_scopes.join(", "))),
+                (
+                    "max ttl (policy)",
+                    if r.max_ttl_seconds == 0 {
+                        "-".into()
+                    } else {
+                        format!("{}s", r.max_ttl_seconds)
+                    },
+                ),
                 ("policy version", or_dash(&r.policy_version)),
                 ("determining policies", joined(&r.determining_policies)),
             ])

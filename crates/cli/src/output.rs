@@ -572,6 +572,8 @@ pub fn explain_json(e: &pb::ExplainResponse) -> Value {
         "issuer": e.issuer,
         "policy_version": e.policy_version,
         "determining_policies": e.determining_policies,
+        "granted_scopes": e.granted_scopes,
+        "max_ttl_seconds": (e.max_ttl_seconds > 0).then_some(e.max_ttl_seconds),
     })
 }
 

@@ -625,10 +625,11 @@ impl AdminService for AdminSvc {
                             let scopes: Vec<String> =
                                 checked.iter().map(|s| s.to_string()).collect();
                             let task = w.task.as_ref().map(|t| t.as_str().to_string());
-                            let d = self
-                                .rt
-                                .authorizer()
-                                .decide(&lanyard_policy::DecisionRequest {
+                            let authorizer = self.rt.authorizer();
+                            let now = self.rt.clock.now_unix();
+                            // The same narrowing an exchange applies.
+                            let (d, granted) = crate::runtime::narrow_scopes(&scopes, |s| {
+                                authorizer.decide(&lanyard_policy::DecisionRequest {
                                     workload_id: w.id.as_str(),
                                     issuer: &w.issuer,
                                     claims: &w.claims,
@@ -636,18 +637,30 @@ impl AdminService for AdminSvc {
                                     destination_kind: &dest.spec.kind,
                                     destination_labels: &dest.spec.labels,
                                     action: lanyard_policy::Action::Exchange,
-                                    scopes: &scopes,
+                                    scopes: s,
                                     ttl_secs: ttl.as_secs(),
                                     task_id: task.as_deref(),
-                                    now: self.rt.clock.now_unix(),
+                                    now,
                                     delegation: &[],
                                     subject: w.id.as_str(),
-                                });
+                                })
+                            });
                             out.allowed = d.allowed;
                             out.policy_version = d.policy_version;
                             out.determining_policies = d.determining_policies;
                             if d.allowed {
-                                out.message = "policy allows this exchange".into();
+                                out.max_ttl_seconds = d
+                                    .max_ttl_secs
+                                    .map_or(0, |t| u32::try_from(t).unwrap_or(u32::MAX));
+                                out.message = if granted.len() < scopes.len() {
+                                    format!(
+                                        "policy allows this exchange narrowed to scopes [{}]",
+                                        granted.join(", ")
+                                    )
+                                } else {
+                                    "policy allows this exchange".into()
+                                };
+                                out.granted_scopes = granted;
                             } else {
                                 out.reason = ReasonCode::PolicyDenied.as_str().into();
                                 out.message = if d.errors.is_empty() {

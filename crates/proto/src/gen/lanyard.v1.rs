@@ -1079,6 +1079,13 @@ pub struct ExplainResponse {
     /// Policies that decided.
     #[prost(string, repeated, tag = "8")]
     pub determining_policies: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// When allowed: the scopes an exchange would be granted (the requested ones policy
+    /// allows; see the scope narrowing in docs/operations.md).
+    #[prost(string, repeated, tag = "9")]
+    pub granted_scopes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// When allowed and a permit caps it: the longest TTL policy allows, seconds.
+    #[prost(uint32, tag = "10")]
+    pub max_ttl_seconds: u32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PolicyVersion {
