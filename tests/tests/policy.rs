@@ -16,6 +16,33 @@ permit (principal, action, resource == Lanyard::Destination::"orders")
 when { principal.id == "spiffe://lanyard.local/ci/reader" && ["read"].containsAll(context.scopes) };
 "#;
 
+/// Store `text` as a new version and activate it.
+async fn put_and_activate(l: &Lanyard, text: &str) {
+    l.admin()
+        .await
+        .put_policy(pb::PutPolicyRequest {
+            text: text.into(),
+            activate: true,
+            comment: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
+/// `text` is refused at upload as invalid.
+async fn assert_refused(l: &Lanyard, text: &str) {
+    let err = l
+        .admin()
+        .await
+        .put_policy(pb::PutPolicyRequest {
+            text: text.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "CONFIG_INVALID", "{text}");
+}
+
 async fn cli(l: &Lanyard, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     use tokio::io::AsyncWriteExt as _;
     let mut child = tokio::process::Command::new(lanyard_testkit::process::binary())
@@ -416,15 +443,7 @@ async fn a_permit_can_cap_the_ttl() {
 permit (principal, action, resource == Lanyard::Destination::"orders")
 when { principal.id == "spiffe://lanyard.local/ci/builder" };
 "#;
-    l.admin()
-        .await
-        .put_policy(pb::PutPolicyRequest {
-            text: capped.into(),
-            activate: true,
-            comment: String::new(),
-        })
-        .await
-        .unwrap();
+    put_and_activate(&l, capped).await;
     let mut req = exchange_req(issuer.mint(&claims(&issuer, "builder", "r")), &["read"]);
     req.requested_ttl_seconds = 300;
     let r = l.exchange().await.exchange(req).await.unwrap().into_inner();
@@ -439,16 +458,7 @@ when { principal.id == "spiffe://lanyard.local/ci/builder" };
     assert_eq!(granted[0]["detail"]["ttl_secs"], 60);
     assert_eq!(granted[0]["policy_version"], "v1");
     // A malformed cap is refused at upload.
-    let err = l
-        .admin()
-        .await
-        .put_policy(pb::PutPolicyRequest {
-            text: capped.replace("\"60\"", "\"soon\""),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(reason(&err), "CONFIG_INVALID");
+    assert_refused(&l, &capped.replace("\"60\"", "\"soon\"")).await;
 }
 
 #[tokio::test]
@@ -460,15 +470,7 @@ async fn a_permit_can_limit_active_grants_per_workload() {
 permit (principal, action, resource == Lanyard::Destination::"orders")
 when { principal.id == "spiffe://lanyard.local/ci/builder" };
 "#;
-    l.admin()
-        .await
-        .put_policy(pb::PutPolicyRequest {
-            text: limited.into(),
-            activate: true,
-            comment: String::new(),
-        })
-        .await
-        .unwrap();
+    put_and_activate(&l, limited).await;
     let mut c = l.exchange().await;
     let token = || issuer.mint(&claims(&issuer, "builder", "r"));
     let first = c
@@ -497,14 +499,5 @@ when { principal.id == "spiffe://lanyard.local/ci/builder" };
     .unwrap();
     c.exchange(exchange_req(token(), &["read"])).await.unwrap();
     // A malformed limit is refused at upload.
-    let err = l
-        .admin()
-        .await
-        .put_policy(pb::PutPolicyRequest {
-            text: limited.replace("\"2\"", "\"0\""),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(reason(&err), "CONFIG_INVALID");
+    assert_refused(&l, &limited.replace("\"2\"", "\"0\"")).await;
 }
