@@ -11,7 +11,7 @@
 //! | `issuer.put` / `issuer.delete` | an issuer was registered, changed or removed (before/after) |
 //! | `trust_rule.put` / `trust_rule.delete` | the same for trust rules |
 //! | `destination.put` / `destination.delete` | the same for destinations |
-//! | `policy.put` / `policy.activated` | policy versions (written by policy management) |
+//! | `policy.put` / `policy.activated` | a policy version was stored / activated |
 //! | `signing_key.rotated` | lanyard's signing key was rotated |
 //! | `issuer.keys_fetch_failed` / `issuer.keys_fetch_recovered` | an issuer's keys could not be fetched / could again |
 //! | `admin.explain` | an operator asked for an explanation (no credential issued) |
@@ -35,6 +35,10 @@ pub const SIGNING_KEY_ROTATED: &str = "signing_key.rotated";
 pub const ISSUER_KEYS_FETCH_FAILED: &str = "issuer.keys_fetch_failed";
 /// An issuer's key set was fetched again after failures.
 pub const ISSUER_KEYS_FETCH_RECOVERED: &str = "issuer.keys_fetch_recovered";
+/// A policy version was stored.
+pub const POLICY_PUT: &str = "policy.put";
+/// A policy version was activated.
+pub const POLICY_ACTIVATED: &str = "policy.activated";
 /// An operator ran Explain.
 pub const ADMIN_EXPLAIN: &str = "admin.explain";
 /// A signed checkpoint of the chain head.

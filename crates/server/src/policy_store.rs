@@ -145,7 +145,7 @@ pub async fn put(
         let now_ms = rt.clock.now_unix_millis();
         let event = NewAuditEvent {
             time_ms: now_ms,
-            kind: "policy.put".into(),
+            kind: lanyard_audit::kinds::POLICY_PUT.into(),
             request_id: Some(ctx.request_id.clone()),
             trace_id: crate::telemetry::current_trace_id(),
             actor: ctx.operator.clone(),
@@ -202,7 +202,7 @@ pub async fn activate(
     let now_ms = rt.clock.now_unix_millis();
     let event = NewAuditEvent {
         time_ms: now_ms,
-        kind: "policy.activated".into(),
+        kind: lanyard_audit::kinds::POLICY_ACTIVATED.into(),
         request_id: Some(ctx.request_id.clone()),
         trace_id: crate::telemetry::current_trace_id(),
         actor: ctx.operator.clone(),
