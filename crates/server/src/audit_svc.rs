@@ -33,13 +33,18 @@ pub struct AuditSvc {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::AuditEvent, Status>> + Send>>;
 
+/// Milliseconds since the epoch as a protobuf timestamp.
+fn timestamp_ms(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
 fn audit_to_pb(r: &AuditRecord) -> pb::AuditEvent {
     pb::AuditEvent {
         seq: r.seq,
-        time: Some(prost_types::Timestamp {
-            seconds: r.time_ms.div_euclid(1000),
-            nanos: i32::try_from(r.time_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-        }),
+        time: Some(timestamp_ms(r.time_ms)),
         kind: r.kind.clone(),
         payload_json: r.payload.clone(),
         prev_hash: r.prev_hash.clone(),
@@ -161,16 +166,12 @@ impl AuditService for AuditSvc {
         let w = checkpoint_now(&self.rt, &self.issuer_url)
             .await
             .map_err(|e| fail(&ctx, e))?;
-        let t = w.checkpoint.time_ms;
         Ok(respond(
             &ctx,
             pb::CheckpointResponse {
                 seq: w.checkpoint.seq,
                 head_hash: w.checkpoint.head_hash,
-                time: Some(prost_types::Timestamp {
-                    seconds: t.div_euclid(1000),
-                    nanos: i32::try_from(t.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-                }),
+                time: Some(timestamp_ms(w.checkpoint.time_ms)),
                 jws: w.jws,
                 event_seq: w.event_seq,
             },

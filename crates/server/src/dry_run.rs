@@ -8,6 +8,7 @@
 //! proposal's is computed with the same scope narrowing the server applies. Requests
 //! refused before policy (a bad token, an unknown destination...) are counted as skipped.
 
+use lanyard_audit::kinds;
 use std::collections::BTreeMap;
 
 use lanyard_core::ReasonCode;
@@ -62,7 +63,9 @@ pub async fn dry_run(
             if r.time_ms >= until {
                 break 'pages;
             }
-            if r.time_ms < since || !(r.kind == "exchange.granted" || r.kind == "exchange.denied") {
+            if r.time_ms < since
+                || !(r.kind == kinds::EXCHANGE_GRANTED || r.kind == kinds::EXCHANGE_DENIED)
+            {
                 continue;
             }
             out.events_examined += 1;

@@ -2,6 +2,7 @@
 //! destinations) loaded from the store, and the exchange, renew and release flows that
 //! the gRPC services call. Transport-free, so every flow is testable on its own.
 
+use lanyard_audit::kinds;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
@@ -411,7 +412,7 @@ impl Runtime {
         input: ExchangeInput,
         ctx: &RequestCtx,
     ) -> Result<ExchangeOutput, ApiError> {
-        let mut ev = self.event("exchange.denied", ctx);
+        let mut ev = self.event(kinds::EXCHANGE_DENIED, ctx);
         ev.destination = Some(input.destination.clone()).filter(|d| !d.is_empty());
         ev.subject_fingerprint = self.fingerprint(&input.subject_token);
         ev.scopes.clone_from(&input.scopes);
@@ -585,7 +586,7 @@ impl Runtime {
             revocation_handle: issued.revocation_handle.clone(),
             renew_count: 0,
         };
-        ev.kind = "exchange.granted".into();
+        ev.kind = kinds::EXCHANGE_GRANTED.into();
         ev.decision = Some("allow".into());
         ev.grant_id = Some(grant_id.to_string());
         ev.scopes.clone_from(&grant.scopes);
@@ -716,7 +717,7 @@ impl Runtime {
         ctx: &RequestCtx,
     ) -> Result<ExchangeOutput, ApiError> {
         let (workload, grant, mut ev) = self
-            .prove_grant("grant.renew_denied", grant_id, token, token_type, ctx)
+            .prove_grant(kinds::GRANT_RENEW_DENIED, grant_id, token, token_type, ctx)
             .await?;
         let now = self.clock.now_unix();
         if grant.status != GrantStatus::Active || grant.expires_at <= now {
@@ -799,7 +800,7 @@ impl Runtime {
             Ok(i) => i,
             Err(e) => return Err(self.deny(ev, e.into()).await),
         };
-        ev.kind = "grant.renewed".into();
+        ev.kind = kinds::GRANT_RENEWED.into();
         ev.decision = Some("allow".into());
         ev.detail["expires_at"] = json!(issued.expires_at);
         ev.detail["ttl_secs"] = json!(ttl.as_secs());
@@ -834,7 +835,13 @@ impl Runtime {
         ctx: &RequestCtx,
     ) -> Result<ReleaseOutput, ApiError> {
         let (_workload, grant, mut ev) = self
-            .prove_grant("grant.release_denied", grant_id, token, token_type, ctx)
+            .prove_grant(
+                kinds::GRANT_RELEASE_DENIED,
+                grant_id,
+                token,
+                token_type,
+                ctx,
+            )
             .await?;
         let now = self.clock.now_unix();
         if grant.status != GrantStatus::Active {
@@ -866,7 +873,7 @@ impl Runtime {
                 detail: "destination no longer configured; the credential expires by itself".into(),
             },
         };
-        ev.kind = "grant.released".into();
+        ev.kind = kinds::GRANT_RELEASED.into();
         ev.decision = Some("allow".into());
         ev.detail = json!({ "receipt": outcome });
         let grant = self

@@ -1,5 +1,6 @@
 //! The gRPC services: thin adapters from lanyard.v1 messages to [`Runtime`] flows.
 
+use lanyard_audit::kinds;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -677,7 +678,7 @@ impl AdminService for AdminSvc {
         }
         let event = NewAuditEvent {
             time_ms: self.rt.clock.now_unix_millis(),
-            kind: "admin.explain".into(),
+            kind: kinds::ADMIN_EXPLAIN.into(),
             request_id: Some(ctx.request_id.clone()),
             trace_id: crate::telemetry::current_trace_id(),
             actor: ctx.operator.clone(),
@@ -782,7 +783,7 @@ impl AdminService for AdminSvc {
                 .map_err(|e| ApiError::internal(&e))?;
             let event = NewAuditEvent {
                 time_ms: self.rt.clock.now_unix_millis(),
-                kind: "signing_key.rotated".into(),
+                kind: kinds::SIGNING_KEY_ROTATED.into(),
                 request_id: Some(ctx.request_id.clone()),
                 trace_id: crate::telemetry::current_trace_id(),
                 actor: ctx.operator.clone(),
