@@ -183,6 +183,19 @@ pub enum Credential {
         /// The HTTP header to present it in.
         header: String,
     },
+    /// A database login (`postgres` destinations).
+    Database {
+        /// Host to connect to.
+        host: String,
+        /// Port.
+        port: u16,
+        /// Database name.
+        database: String,
+        /// Login role name.
+        username: String,
+        /// Password.
+        password: Secret,
+    },
 }
 
 impl std::fmt::Debug for Credential {
@@ -191,6 +204,19 @@ impl std::fmt::Debug for Credential {
             Credential::Bearer { token_type, .. } => f
                 .debug_struct("Bearer")
                 .field("token_type", token_type)
+                .finish_non_exhaustive(),
+            Credential::Database {
+                host,
+                port,
+                database,
+                username,
+                ..
+            } => f
+                .debug_struct("Database")
+                .field("host", host)
+                .field("port", port)
+                .field("database", database)
+                .field("username", username)
                 .finish_non_exhaustive(),
         }
     }
@@ -265,6 +291,19 @@ pub trait Destination: Send + Sync {
     /// [`DestinationError::BadRequest`], [`DestinationError::Mint`],
     /// [`DestinationError::Upstream`].
     async fn issue(&self, req: IssueRequest<'_>) -> Result<Issued>;
+    /// Extend a credential for the same grant, with fresh proof already checked.
+    /// `previous_handle` is the handle recorded at issue (or the last renewal).
+    ///
+    /// The default issues a new credential; the previous one lapses at its own expiry.
+    /// Adapters whose credentials live at the destination (database roles) override it
+    /// to extend the existing one instead of leaving it behind.
+    ///
+    /// # Errors
+    /// As [`Destination::issue`].
+    async fn renew(&self, req: IssueRequest<'_>, previous_handle: &str) -> Result<Issued> {
+        let _ = previous_handle;
+        self.issue(req).await
+    }
     /// Revoke a credential (idempotent: revoking twice is harmless).
     ///
     /// # Errors

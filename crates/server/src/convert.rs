@@ -228,6 +228,21 @@ pub fn credential_to_pb(c: Credential) -> pb::Credential {
                 header,
             })),
         },
+        Credential::Database {
+            host,
+            port,
+            database,
+            username,
+            password,
+        } => pb::Credential {
+            kind: Some(pb::credential::Kind::Database(pb::DatabaseCredentials {
+                host,
+                port: u32::from(port),
+                database,
+                username,
+                password: password.into_inner(),
+            })),
+        },
     }
 }
 

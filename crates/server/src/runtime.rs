@@ -780,17 +780,20 @@ impl Runtime {
         let no_actors: [String; 0] = [];
         let issued = match dest
             .adapter
-            .issue(IssueRequest {
-                grant_id: &grant.id,
-                workload: &workload_id,
-                issuer: &workload.issuer,
-                task: workload.task.as_ref(),
-                scopes: &scopes,
-                ttl,
-                now,
-                actor_chain: &no_actors,
-                claims: &workload.claims,
-            })
+            .renew(
+                IssueRequest {
+                    grant_id: &grant.id,
+                    workload: &workload_id,
+                    issuer: &workload.issuer,
+                    task: workload.task.as_ref(),
+                    scopes: &scopes,
+                    ttl,
+                    now,
+                    actor_chain: &no_actors,
+                    claims: &workload.claims,
+                },
+                &grant.revocation_handle,
+            )
             .instrument(crate::telemetry::issue_span(
                 &dest.spec.name,
                 &dest.spec.kind,

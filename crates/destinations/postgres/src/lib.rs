@@ -1,0 +1,1 @@
+//! The `postgres` destination: dynamic PostgreSQL login roles (to be written).
