@@ -15,6 +15,7 @@
 //!   deadlocks.
 
 mod error;
+mod revocation;
 mod rows;
 
 use std::borrow::Cow;
@@ -30,8 +31,9 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
 
 use lanyard_core::{GrantId, UnixTime};
 use lanyard_store::{
-    AuditRecord, ConfigKind, ConfigObject, GrantFilter, GrantRecord, GrantStatus, NewAuditEvent,
-    NewConfigObject, Page, PageRequest, Result, Store, StoreError, chain_hash,
+    AuditRecord, ConfigKind, ConfigObject, DestinationProgress, GrantFilter, GrantRecord,
+    GrantStatus, NewAuditEvent, NewConfigObject, NewRevocationJob, Page, PageRequest, Result,
+    RevocationJob, RevocationReceiptRecord, RevocationStep, Store, StoreError, chain_hash,
 };
 
 use crate::error::{connect_err, db, map_err, map_migrate};
@@ -69,11 +71,18 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The list is short and a test fails if a file in the folder is missing from it. The
 /// checksums are the ones `migrate!` would compute, so switching later is seamless.
 /// The migrator takes an advisory lock, so replicas starting together migrate once.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "revocation",
+        include_str!("../../../migrations/postgres/0002_revocation.sql"),
+    ),
+];
 
 fn migrator() -> Migrator {
     Migrator::with_migrations(
@@ -151,7 +160,10 @@ impl PgStore {
 ///
 /// Call it last in the transaction: the head lock serializes every writer of every
 /// replica until commit.
-async fn append_events(conn: &mut PgConnection, events: &[NewAuditEvent]) -> Result<Vec<i64>> {
+pub(crate) async fn append_events(
+    conn: &mut PgConnection,
+    events: &[NewAuditEvent],
+) -> Result<Vec<i64>> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
@@ -207,9 +219,38 @@ async fn append_events(conn: &mut PgConnection, events: &[NewAuditEvent]) -> Res
     Ok(seqs)
 }
 
+/// Write a configuration object (insert or replace) at `revision` (from
+/// [`bump_generation`], taken first in the transaction) inside the caller's transaction.
+/// Returns the object's creation time.
+pub(crate) async fn write_config(
+    conn: &mut PgConnection,
+    obj: &NewConfigObject,
+    revision: i64,
+) -> Result<i64> {
+    let row = sqlx::query(
+        "INSERT INTO config_objects \
+             (kind, name, spec, revision, created_at, updated_at, updated_by) \
+         VALUES ($1, $2, $3, $4, $5, $5, $6) \
+         ON CONFLICT (kind, name) DO UPDATE SET \
+             spec = EXCLUDED.spec, revision = EXCLUDED.revision, \
+             updated_at = EXCLUDED.updated_at, updated_by = EXCLUDED.updated_by \
+         RETURNING created_at",
+    )
+    .bind(obj.kind.as_str())
+    .bind(&obj.name)
+    .bind(Json(&obj.spec))
+    .bind(revision)
+    .bind(obj.now)
+    .bind(&obj.updated_by)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    row.try_get("created_at").map_err(db)
+}
+
 /// Bump the configuration generation; returns the new value. The row stays locked
 /// until the transaction ends, serializing configuration writes across replicas.
-async fn bump_generation(conn: &mut PgConnection) -> Result<i64> {
+pub(crate) async fn bump_generation(conn: &mut PgConnection) -> Result<i64> {
     let row =
         sqlx::query("UPDATE config_generation SET value = value + 1 WHERE id = 1 RETURNING value")
             .fetch_one(&mut *conn)
@@ -293,25 +334,7 @@ impl Store for PgStore {
                 .transpose()
                 .map_err(db)?;
         check_revision(obj.kind, &obj.name, current, expected_revision)?;
-        let row = sqlx::query(
-            "INSERT INTO config_objects \
-                 (kind, name, spec, revision, created_at, updated_at, updated_by) \
-             VALUES ($1, $2, $3, $4, $5, $5, $6) \
-             ON CONFLICT (kind, name) DO UPDATE SET \
-                 spec = EXCLUDED.spec, revision = EXCLUDED.revision, \
-                 updated_at = EXCLUDED.updated_at, updated_by = EXCLUDED.updated_by \
-             RETURNING created_at",
-        )
-        .bind(obj.kind.as_str())
-        .bind(&obj.name)
-        .bind(Json(&obj.spec))
-        .bind(revision)
-        .bind(obj.now)
-        .bind(&obj.updated_by)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
-        let created_at: i64 = row.try_get("created_at").map_err(db)?;
+        let created_at = write_config(&mut tx, &obj, revision).await?;
         append_events(&mut tx, std::slice::from_ref(&audit)).await?;
         tx.commit().await.map_err(db)?;
         Ok(ConfigObject {
@@ -690,6 +713,91 @@ impl Store for PgStore {
             row.try_get("seq").map_err(db)?,
             row.try_get("hash").map_err(db)?,
         ))
+    }
+
+    async fn revocation_create(
+        &self,
+        job: &NewRevocationJob,
+        deny: Option<NewConfigObject>,
+        audit: NewAuditEvent,
+    ) -> Result<RevocationJob> {
+        let mut tx = self.begin().await?;
+        let created = revocation::create(&mut tx, job, deny, audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(created)
+    }
+
+    async fn revocation_get(&self, id: &str) -> Result<Option<RevocationJob>> {
+        revocation::get(&self.pool, id).await
+    }
+
+    async fn revocation_list(&self, page: &PageRequest) -> Result<Page<RevocationJob>> {
+        revocation::list(&self.pool, page).await
+    }
+
+    async fn revocation_progress(&self, job_id: &str) -> Result<Vec<DestinationProgress>> {
+        revocation::progress(&self.pool, job_id).await
+    }
+
+    async fn revocation_claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<Option<RevocationJob>> {
+        revocation::claim(&self.pool, owner, now_ms, lease_until_ms).await
+    }
+
+    async fn revocation_steps_due(
+        &self,
+        job_id: &str,
+        destination: &str,
+        now_ms: i64,
+        after_grant: &str,
+        limit: u32,
+    ) -> Result<Vec<RevocationStep>> {
+        revocation::steps_due(&self.pool, job_id, destination, now_ms, after_grant, limit).await
+    }
+
+    async fn revocation_record(
+        &self,
+        owner: &str,
+        job_id: &str,
+        lease_until_ms: i64,
+        receipts: &[RevocationReceiptRecord],
+        events: &[NewAuditEvent],
+    ) -> Result<Vec<i64>> {
+        let mut tx = self.begin().await?;
+        let seqs =
+            revocation::record(&mut tx, owner, job_id, lease_until_ms, receipts, events).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(seqs)
+    }
+
+    async fn revocation_release(
+        &self,
+        owner: &str,
+        job_id: &str,
+        now_ms: i64,
+        done_event: NewAuditEvent,
+    ) -> Result<RevocationJob> {
+        let mut tx = self.begin().await?;
+        let job = revocation::release(&mut tx, owner, job_id, now_ms, done_event).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(job)
+    }
+
+    async fn revocation_receipts(
+        &self,
+        job_id: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<RevocationReceiptRecord>> {
+        revocation::receipts(&self.pool, job_id, after_seq, limit).await
+    }
+
+    async fn revocation_queue_depth(&self) -> Result<u64> {
+        revocation::queue_depth(&self.pool).await
     }
 
     async fn ping(&self) -> Result<()> {

@@ -156,7 +156,7 @@ async fn replicas_migrate_together_and_rerun_harmlessly() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2, "every migration applied once");
     conn.close().await.unwrap();
     db.drop_db().await;
 }

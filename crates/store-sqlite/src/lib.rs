@@ -30,6 +30,7 @@ macro_rules! audit_columns {
 }
 
 mod error;
+mod revocation;
 mod rows;
 
 use std::borrow::Cow;
@@ -47,8 +48,9 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool, Transaction};
 
 use lanyard_core::{GrantId, UnixTime};
 use lanyard_store::{
-    AuditRecord, ConfigKind, ConfigObject, GrantFilter, GrantRecord, GrantStatus, NewAuditEvent,
-    NewConfigObject, Page, PageRequest, Result, Store, StoreError, chain_hash,
+    AuditRecord, ConfigKind, ConfigObject, DestinationProgress, GrantFilter, GrantRecord,
+    GrantStatus, NewAuditEvent, NewConfigObject, NewRevocationJob, Page, PageRequest, Result,
+    RevocationJob, RevocationReceiptRecord, RevocationStep, Store, StoreError, chain_hash,
 };
 
 use crate::error::{corrupt, db, map_err, map_migrate};
@@ -68,11 +70,18 @@ const READERS: u32 = 4;
 /// drivers a second time for the proc-macro host (about 100 CPU-seconds per cold build).
 /// The list is short and a test fails if a file in the folder is missing from it. The
 /// checksums are the ones `migrate!` would compute, so switching later is seamless.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../../migrations/sqlite/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "revocation",
+        include_str!("../../../migrations/sqlite/0002_revocation.sql"),
+    ),
+];
 
 fn migrator() -> Migrator {
     Migrator::with_migrations(
@@ -280,7 +289,10 @@ async fn insert_batch(
 /// Rows per multi-row INSERT (14 columns each stays far below SQLite's 32766 variables).
 const INSERT_CHUNK: usize = 256;
 
-async fn append_events(conn: &mut SqliteConnection, events: &[NewAuditEvent]) -> Result<Vec<i64>> {
+pub(crate) async fn append_events(
+    conn: &mut SqliteConnection,
+    events: &[NewAuditEvent],
+) -> Result<Vec<i64>> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
@@ -343,6 +355,35 @@ async fn bump_generation(conn: &mut SqliteConnection) -> Result<i64> {
             .await
             .map_err(db)?;
     row.try_get("value").map_err(db)
+}
+
+/// Write a configuration object (insert or replace) and bump the generation, inside the
+/// caller's transaction. Returns the new revision and the object's creation time.
+pub(crate) async fn upsert_config(
+    conn: &mut SqliteConnection,
+    obj: &NewConfigObject,
+) -> Result<(i64, i64)> {
+    let spec = serde_json::to_string(&obj.spec).map_err(|e| corrupt("config spec", e))?;
+    let revision = bump_generation(&mut *conn).await?;
+    let row = sqlx::query(
+        "INSERT INTO config_objects \
+             (kind, name, spec, revision, created_at, updated_at, updated_by) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6) \
+         ON CONFLICT (kind, name) DO UPDATE SET \
+             spec = excluded.spec, revision = excluded.revision, \
+             updated_at = excluded.updated_at, updated_by = excluded.updated_by \
+         RETURNING created_at",
+    )
+    .bind(obj.kind.as_str())
+    .bind(&obj.name)
+    .bind(&spec)
+    .bind(revision)
+    .bind(obj.now)
+    .bind(&obj.updated_by)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok((revision, row.try_get("created_at").map_err(db)?))
 }
 
 /// Whether a put with `expected` may replace an object now at `current`.
@@ -408,7 +449,6 @@ impl Store for SqliteStore {
         expected_revision: Option<i64>,
         audit: NewAuditEvent,
     ) -> Result<ConfigObject> {
-        let spec = serde_json::to_string(&obj.spec).map_err(|e| corrupt("config spec", e))?;
         let mut tx = self.begin().await?;
         let current =
             sqlx::query("SELECT revision FROM config_objects WHERE kind = ?1 AND name = ?2")
@@ -421,26 +461,7 @@ impl Store for SqliteStore {
                 .transpose()
                 .map_err(db)?;
         check_revision(obj.kind, &obj.name, current, expected_revision)?;
-        let revision = bump_generation(&mut tx).await?;
-        let row = sqlx::query(
-            "INSERT INTO config_objects \
-                 (kind, name, spec, revision, created_at, updated_at, updated_by) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6) \
-             ON CONFLICT (kind, name) DO UPDATE SET \
-                 spec = excluded.spec, revision = excluded.revision, \
-                 updated_at = excluded.updated_at, updated_by = excluded.updated_by \
-             RETURNING created_at",
-        )
-        .bind(obj.kind.as_str())
-        .bind(&obj.name)
-        .bind(&spec)
-        .bind(revision)
-        .bind(obj.now)
-        .bind(&obj.updated_by)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
-        let created_at: i64 = row.try_get("created_at").map_err(db)?;
+        let (revision, created_at) = upsert_config(&mut tx, &obj).await?;
         append_events(&mut tx, std::slice::from_ref(&audit)).await?;
         tx.commit().await.map_err(db)?;
         Ok(ConfigObject {
@@ -775,6 +796,99 @@ impl Store for SqliteStore {
             row.try_get("seq").map_err(db)?,
             row.try_get("hash").map_err(db)?,
         ))
+    }
+
+    async fn revocation_create(
+        &self,
+        job: &NewRevocationJob,
+        deny: Option<NewConfigObject>,
+        audit: NewAuditEvent,
+    ) -> Result<RevocationJob> {
+        let mut tx = self.begin().await?;
+        let created = revocation::create(&mut tx, job, deny, audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(created)
+    }
+
+    async fn revocation_get(&self, id: &str) -> Result<Option<RevocationJob>> {
+        revocation::get(&self.reader, id).await
+    }
+
+    async fn revocation_list(&self, page: &PageRequest) -> Result<Page<RevocationJob>> {
+        revocation::list(&self.reader, page).await
+    }
+
+    async fn revocation_progress(&self, job_id: &str) -> Result<Vec<DestinationProgress>> {
+        revocation::progress(&self.reader, job_id).await
+    }
+
+    async fn revocation_claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<Option<RevocationJob>> {
+        revocation::claim(&self.writer, owner, now_ms, lease_until_ms).await
+    }
+
+    async fn revocation_steps_due(
+        &self,
+        job_id: &str,
+        destination: &str,
+        now_ms: i64,
+        after_grant: &str,
+        limit: u32,
+    ) -> Result<Vec<RevocationStep>> {
+        revocation::steps_due(
+            &self.reader,
+            job_id,
+            destination,
+            now_ms,
+            after_grant,
+            limit,
+        )
+        .await
+    }
+
+    async fn revocation_record(
+        &self,
+        owner: &str,
+        job_id: &str,
+        lease_until_ms: i64,
+        receipts: &[RevocationReceiptRecord],
+        events: &[NewAuditEvent],
+    ) -> Result<Vec<i64>> {
+        let mut tx = self.begin().await?;
+        let seqs =
+            revocation::record(&mut tx, owner, job_id, lease_until_ms, receipts, events).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(seqs)
+    }
+
+    async fn revocation_release(
+        &self,
+        owner: &str,
+        job_id: &str,
+        now_ms: i64,
+        done_event: NewAuditEvent,
+    ) -> Result<RevocationJob> {
+        let mut tx = self.begin().await?;
+        let job = revocation::release(&mut tx, owner, job_id, now_ms, done_event).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(job)
+    }
+
+    async fn revocation_receipts(
+        &self,
+        job_id: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<RevocationReceiptRecord>> {
+        revocation::receipts(&self.reader, job_id, after_seq, limit).await
+    }
+
+    async fn revocation_queue_depth(&self) -> Result<u64> {
+        revocation::queue_depth(&self.reader).await
     }
 
     async fn ping(&self) -> Result<()> {

@@ -82,7 +82,11 @@ async fn reopening_reruns_migrations_harmlessly() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    assert_eq!(applied.get::<i64, _>("n"), 1);
+    assert_eq!(
+        applied.get::<i64, _>("n"),
+        2,
+        "every migration applied once"
+    );
     let heads = sqlx::query("SELECT COUNT(*) AS n FROM audit_head")
         .fetch_one(&mut conn)
         .await

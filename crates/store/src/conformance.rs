@@ -22,7 +22,8 @@ use serde_json::json;
 
 use crate::{
     AuditRecord, ConfigKind, ConfigObject, GENESIS_HASH, GrantFilter, GrantRecord, GrantStatus,
-    NewAuditEvent, NewConfigObject, PageRequest, Result, Store, StoreError,
+    JobState, NewAuditEvent, NewConfigObject, NewRevocationJob, PageRequest, Result,
+    RevocationReceiptRecord, RevokeSelector, StepState, Store, StoreError,
 };
 
 /// "Now" for most checks: late enough that the fixed past times below are all before it.
@@ -49,6 +50,9 @@ pub async fn run_all(store: &dyn Store) {
     audit_events_of_every_change(store).await;
     audit_list_paging(store).await;
     audit_chain_is_valid(store).await;
+    revocation_job_lifecycle(store).await;
+    revocation_selectors(store).await;
+    revocation_leases(store).await;
 }
 
 /// Run writers and readers concurrently (20 writer tasks, plus races on one config
@@ -1431,4 +1435,474 @@ async fn concurrent_writers(store: Arc<dyn Store>) {
         );
     }
     audit_chain_is_valid(&*store).await;
+}
+
+// === revocation ===
+
+fn job(selector: RevokeSelector) -> NewRevocationJob {
+    NewRevocationJob {
+        id: format!("rvk_{}", tag()),
+        selector,
+        reason: "conformance".to_owned(),
+        requested_by: "uid:0".to_owned(),
+        now: NOW,
+        now_ms: NOW * 1000,
+    }
+}
+
+fn receipt(
+    job_id: &str,
+    seq: i64,
+    destination: &str,
+    outcome: StepState,
+    grant_ids: Vec<String>,
+    retry_at_ms: Option<i64>,
+) -> RevocationReceiptRecord {
+    RevocationReceiptRecord {
+        job_id: job_id.to_owned(),
+        seq,
+        destination: destination.to_owned(),
+        outcome,
+        grant_ids,
+        expires_at: (outcome == StepState::ExpiresAt).then_some(NOW + 3600),
+        detail: format!("{} at {destination}", outcome.as_str()),
+        created_at_ms: NOW * 1000 + seq,
+        signature: format!("sig-{seq}"),
+        retry_at_ms,
+    }
+}
+
+async fn status_of(store: &dyn Store, id: &GrantId) -> GrantStatus {
+    store.grant_get(id).await.unwrap().unwrap().status
+}
+
+/// A job snapshots exactly the active, unexpired grants its selector matches, revokes
+/// them, writes its deny entry and audit event in the same transaction, and walks its
+/// steps through receipts to `done`.
+async fn revocation_job_lifecycle(store: &dyn Store) {
+    let t = tag();
+    let (a, b) = (workload(&t, "a"), workload(&t, "b"));
+    let (d1, d2) = (format!("d1-{t}"), format!("d2-{t}"));
+    let a1 = grant(&a, "iss", &d1, None);
+    let a2 = grant(&a, "iss", &d1, Some("task-1"));
+    let a3 = grant(&a, "iss", &d2, None);
+    let b1 = grant(&b, "iss", &d1, None);
+    let mut expired = grant(&a, "iss", &d1, None);
+    expired.expires_at = NOW - 1;
+    let released = grant(&a, "iss", &d2, None);
+    insert(
+        store,
+        &[
+            a1.clone(),
+            a2.clone(),
+            a3.clone(),
+            b1.clone(),
+            expired.clone(),
+            released.clone(),
+        ],
+    )
+    .await;
+    store
+        .grant_finish(
+            &released.id,
+            GrantStatus::Released,
+            NOW,
+            event("grant.released", &t),
+        )
+        .await
+        .unwrap();
+    let generation = store.config_generation().await.unwrap();
+    let (head, _) = chain_tail(store).await;
+
+    let new = job(RevokeSelector::Workload(a.clone()));
+    let deny = config(
+        ConfigKind::DenyEntry,
+        &format!("workload:{a}"),
+        json!({"kind": "workload", "value": a}),
+        NOW,
+    );
+    let created = store
+        .revocation_create(&new, Some(deny), event("revocation.requested", &t))
+        .await
+        .unwrap();
+    assert_eq!(created.id, new.id);
+    assert_eq!(
+        created.matched, 3,
+        "active unexpired grants of the workload"
+    );
+    assert_eq!(created.state, JobState::Running);
+    assert_eq!(created.selector, RevokeSelector::Workload(a.clone()));
+    assert_eq!(created.receipts, 0);
+    for g in [&a1, &a2, &a3] {
+        assert_eq!(status_of(store, &g.id).await, GrantStatus::Revoked);
+    }
+    assert_eq!(status_of(store, &b1.id).await, GrantStatus::Active);
+    assert_eq!(status_of(store, &expired.id).await, GrantStatus::Active);
+    assert_eq!(status_of(store, &released.id).await, GrantStatus::Released);
+    assert!(store.config_generation().await.unwrap() > generation);
+    assert!(
+        store
+            .config_get(ConfigKind::DenyEntry, &format!("workload:{a}"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let events = read_chain(store, head).await;
+    assert_eq!(events.len(), 1);
+    let payload: serde_json::Value = serde_json::from_str(&events[0].payload).unwrap();
+    assert_eq!(payload["detail"]["matched"], json!(3));
+    assert_conflict(
+        store
+            .revocation_create(&new, None, event("revocation.requested", &t))
+            .await,
+        "a job ID used twice",
+    );
+
+    let progress = store.revocation_progress(&new.id).await.unwrap();
+    assert_eq!(progress.len(), 2);
+    assert_eq!(
+        (progress[0].destination.as_str(), progress[0].pending),
+        (d1.as_str(), 2)
+    );
+    assert_eq!(
+        (progress[1].destination.as_str(), progress[1].pending),
+        (d2.as_str(), 1)
+    );
+    let depth = store.revocation_queue_depth().await.unwrap();
+    assert!(depth >= 3);
+
+    let owner = format!("w1-{t}");
+    let claimed = store
+        .revocation_claim(&owner, NOW * 1000, NOW * 1000 + 30_000)
+        .await
+        .unwrap();
+    // Other suites' jobs may be due too; find ours by claiming until it comes up.
+    let mut claimed = claimed;
+    while claimed.as_ref().is_some_and(|j| j.id != new.id) {
+        claimed = store
+            .revocation_claim(&owner, NOW * 1000, NOW * 1000 + 30_000)
+            .await
+            .unwrap();
+    }
+    assert_eq!(claimed.map(|j| j.id), Some(new.id.clone()));
+
+    let steps = store
+        .revocation_steps_due(&new.id, &d1, NOW * 1000, "", 10)
+        .await
+        .unwrap();
+    let mut want = vec![a1.id.to_string(), a2.id.to_string()];
+    want.sort();
+    assert_eq!(
+        steps.iter().map(|s| s.grant_id.clone()).collect::<Vec<_>>(),
+        want
+    );
+    let first = steps.iter().find(|s| s.grant_id == a1.id.as_str()).unwrap();
+    assert_eq!(first.revocation_handle, a1.revocation_handle);
+    assert_eq!(first.workload_id, a);
+    assert_eq!(first.expires_at, a1.expires_at);
+    assert_eq!(first.state, StepState::Pending);
+    let paged = store
+        .revocation_steps_due(&new.id, &d1, NOW * 1000, &want[0], 10)
+        .await
+        .unwrap();
+    assert_eq!(paged.len(), 1, "steps after a cursor");
+
+    let retry_at = NOW * 1000 + 5_000;
+    let r1 = receipt(&new.id, 1, &d1, StepState::Revoked, want.clone(), None);
+    let r2 = receipt(
+        &new.id,
+        2,
+        &d2,
+        StepState::Failed,
+        vec![a3.id.to_string()],
+        Some(retry_at),
+    );
+    assert_conflict(
+        store
+            .revocation_record(
+                "someone-else",
+                &new.id,
+                NOW * 1000 + 30_000,
+                &[r1.clone()],
+                &[],
+            )
+            .await,
+        "recording without the lease",
+    );
+    let seqs = store
+        .revocation_record(
+            &owner,
+            &new.id,
+            NOW * 1000 + 30_000,
+            &[r1.clone(), r2.clone()],
+            &[
+                event("revocation.receipt", &t),
+                event("revocation.receipt", &t),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(seqs.len(), 2);
+    let progress = store.revocation_progress(&new.id).await.unwrap();
+    assert_eq!((progress[0].revoked, progress[0].pending), (2, 0));
+    assert_eq!((progress[1].failed, progress[1].pending), (1, 0));
+    assert!(
+        store
+            .revocation_steps_due(&new.id, &d2, NOW * 1000, "", 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a failed step is not due before its retry time"
+    );
+    let again = store
+        .revocation_steps_due(&new.id, &d2, retry_at, "", 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 1);
+    assert_eq!(again[0].state, StepState::Failed);
+    assert_eq!(again[0].detail, r2.detail);
+
+    let released_job = store
+        .revocation_release(
+            &owner,
+            &new.id,
+            NOW * 1000,
+            event("revocation.completed", &t),
+        )
+        .await
+        .unwrap();
+    assert_eq!(released_job.state, JobState::Running);
+    assert_eq!(released_job.next_run_at_ms, retry_at);
+    assert_eq!(released_job.receipts, 2);
+    assert_conflict(
+        store
+            .revocation_record(&owner, &new.id, NOW * 1000 + 30_000, &[], &[])
+            .await,
+        "recording after releasing the lease",
+    );
+
+    let owner2 = format!("w2-{t}");
+    let mut claimed = None;
+    for _ in 0..100 {
+        match store
+            .revocation_claim(&owner2, retry_at, retry_at + 30_000)
+            .await
+            .unwrap()
+        {
+            Some(j) if j.id == new.id => {
+                claimed = Some(j);
+                break;
+            }
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    assert!(claimed.is_some(), "the job is due again at its retry time");
+    let r3 = receipt(
+        &new.id,
+        3,
+        &d2,
+        StepState::ExpiresAt,
+        vec![a3.id.to_string()],
+        None,
+    );
+    store
+        .revocation_record(&owner2, &new.id, retry_at + 30_000, &[r3.clone()], &[])
+        .await
+        .unwrap();
+    let (head, _) = chain_tail(store).await;
+    let done = store
+        .revocation_release(
+            &owner2,
+            &new.id,
+            retry_at + 1,
+            event("revocation.completed", &t),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.state, JobState::Done);
+    assert_eq!(done.finished_at_ms, Some(retry_at + 1));
+    assert_eq!(
+        read_chain(store, head).await.len(),
+        1,
+        "the completion event"
+    );
+    let progress = store.revocation_progress(&new.id).await.unwrap();
+    assert_eq!(progress[1].expires_at, 1);
+    assert_eq!(progress[1].latest_expiry, Some(a3.expires_at));
+
+    let receipts = store.revocation_receipts(&new.id, 0, 10).await.unwrap();
+    assert_eq!(receipts, vec![r1, r2, r3.clone()]);
+    assert_eq!(
+        store.revocation_receipts(&new.id, 2, 10).await.unwrap(),
+        vec![r3]
+    );
+    assert_eq!(
+        store.revocation_get(&new.id).await.unwrap().unwrap().state,
+        JobState::Done
+    );
+    assert!(store.revocation_get("rvk_missing").await.unwrap().is_none());
+
+    // Listing: newest first, paged.
+    let second = job(RevokeSelector::Workload(format!("{a}-none")));
+    let created2 = store
+        .revocation_create(&second, None, event("revocation.requested", &t))
+        .await
+        .unwrap();
+    assert_eq!(created2.matched, 0);
+    assert_eq!(
+        created2.state,
+        JobState::Done,
+        "nothing to do is done at once"
+    );
+    let page = store
+        .revocation_list(&PageRequest {
+            limit: 1,
+            cursor: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.items[0].id, second.id);
+    let page = store
+        .revocation_list(&PageRequest {
+            limit: 1,
+            cursor: page.next_cursor,
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.items[0].id, new.id);
+}
+
+/// Every selector kind matches what it names and nothing else.
+async fn revocation_selectors(store: &dyn Store) {
+    let t = tag();
+    let x = workload(&t, "ns/a/x");
+    let y = workload(&t, "ns/a/y");
+    let z = workload(&t, "ns/b/z");
+    let (dest, issuer, task) = (format!("dest-{t}"), format!("iss-{t}"), format!("task-{t}"));
+    let gx = grant(&x, "other", "other", Some(&task));
+    let gy = grant(&y, &issuer, "other", None);
+    let gz = grant(&z, "other", &dest, None);
+    let gz2 = grant(&z, "other", "other", None);
+    insert(store, &[gx.clone(), gy.clone(), gz.clone(), gz2.clone()]).await;
+    let cases = [
+        (
+            RevokeSelector::WorkloadPrefix(workload(&t, "ns/a/")),
+            vec![&gx, &gy],
+        ),
+        (RevokeSelector::Task(task.clone()), vec![]),
+        (RevokeSelector::Issuer(issuer.clone()), vec![]),
+        (RevokeSelector::Destination(dest.clone()), vec![&gz]),
+        (RevokeSelector::Grant(gz2.id.to_string()), vec![&gz2]),
+    ];
+    for (selector, want) in cases {
+        let j = job(selector.clone());
+        let created = store
+            .revocation_create(&j, None, event("revocation.requested", &t))
+            .await
+            .unwrap();
+        assert_eq!(created.matched, want.len() as u64, "{selector}");
+        for g in want {
+            assert_eq!(
+                status_of(store, &g.id).await,
+                GrantStatus::Revoked,
+                "{selector}"
+            );
+        }
+    }
+    // The prefix must not match by LIKE rules or by case.
+    let odd = workload(&t, "ns/c_d/w");
+    let g_odd = grant(&odd, "other", "other", None);
+    insert(store, &[g_odd.clone()]).await;
+    for prefix in [
+        workload(&t, "ns/c%"),
+        workload(&t, "NS/c_d/"),
+        workload(&t, "ns/cxd/"),
+    ] {
+        let created = store
+            .revocation_create(
+                &job(RevokeSelector::WorkloadPrefix(prefix.clone())),
+                None,
+                event("revocation.requested", &t),
+            )
+            .await
+            .unwrap();
+        assert_eq!(created.matched, 0, "prefix {prefix:?}");
+    }
+    assert_eq!(status_of(store, &g_odd.id).await, GrantStatus::Active);
+}
+
+/// A lease keeps a job from a second worker until it lapses; a lapsed lease can be taken
+/// over, and the first worker's writes are then refused.
+async fn revocation_leases(store: &dyn Store) {
+    let t = tag();
+    let w = workload(&t, "lease");
+    insert(store, &[grant(&w, "iss", "d", None)]).await;
+    let j = job(RevokeSelector::Workload(w));
+    store
+        .revocation_create(&j, None, event("revocation.requested", &t))
+        .await
+        .unwrap();
+    // Drain other due jobs so ours is the one claimed; leave them leased briefly.
+    let (first, second) = (format!("first-{t}"), format!("second-{t}"));
+    let now = NOW * 1000 + 10_000_000;
+    let mut ours = false;
+    for _ in 0..100 {
+        match store
+            .revocation_claim(&first, now, now + 1_000)
+            .await
+            .unwrap()
+        {
+            Some(c) if c.id == j.id => {
+                ours = true;
+                break;
+            }
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    assert!(ours);
+    let mut stolen = false;
+    for _ in 0..100 {
+        match store
+            .revocation_claim(&second, now + 500, now + 1_500)
+            .await
+            .unwrap()
+        {
+            Some(c) if c.id == j.id => {
+                stolen = true;
+                break;
+            }
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    assert!(!stolen, "a held lease is not taken");
+    let mut taken = false;
+    for _ in 0..100 {
+        match store
+            .revocation_claim(&second, now + 1_000, now + 2_000)
+            .await
+            .unwrap()
+        {
+            Some(c) if c.id == j.id => {
+                taken = true;
+                break;
+            }
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    assert!(taken, "a lapsed lease is taken over");
+    assert_conflict(
+        store
+            .revocation_record(&first, &j.id, now + 5_000, &[], &[])
+            .await,
+        "the first worker after losing the lease",
+    );
+    store
+        .revocation_record(&second, &j.id, now + 5_000, &[], &[])
+        .await
+        .unwrap();
 }

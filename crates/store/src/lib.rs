@@ -203,6 +203,117 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
     async fn audit_head(&self) -> Result<(i64, String)>;
 
+    // === revocation ===
+
+    /// Create a revocation job in one transaction: record the job, copy every grant the
+    /// selector matches that is active and unexpired at `job.now` into the job's steps
+    /// (state `pending`), mark those grants `revoked`, write `deny` if given (a
+    /// [`ConfigKind::DenyEntry`], bumping the configuration generation), and append
+    /// `audit` with `detail.matched` set to the number of grants matched.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] if the job ID exists; [`StoreError::Unavailable`].
+    async fn revocation_create(
+        &self,
+        job: &NewRevocationJob,
+        deny: Option<NewConfigObject>,
+        audit: NewAuditEvent,
+    ) -> Result<RevocationJob>;
+
+    /// One job.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn revocation_get(&self, id: &str) -> Result<Option<RevocationJob>>;
+
+    /// Jobs, newest first, paged by an opaque cursor.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn revocation_list(&self, page: &PageRequest) -> Result<Page<RevocationJob>>;
+
+    /// Step counts per destination of a job, ordered by destination.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn revocation_progress(&self, job_id: &str) -> Result<Vec<DestinationProgress>>;
+
+    /// Take the lease of one running job that is due at `now_ms` and whose lease is
+    /// free or lapsed; `owner` holds it until `lease_until_ms` unless it renews it.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn revocation_claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<Option<RevocationJob>>;
+
+    /// Up to `limit` steps of `job_id` at `destination` that are pending, or failed and
+    /// due at `now_ms`, with grant ID after `after_grant`, in grant ID order.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn revocation_steps_due(
+        &self,
+        job_id: &str,
+        destination: &str,
+        now_ms: i64,
+        after_grant: &str,
+        limit: u32,
+    ) -> Result<Vec<RevocationStep>>;
+
+    /// Record receipts in one transaction, fenced by the lease: each receipt is stored,
+    /// the steps of its grants move to its outcome (attempts + 1; a failed receipt's
+    /// `retry_at_ms` becomes their due time), the job's receipt count and lease
+    /// (`lease_until_ms`) move, and `events` are appended.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] if `owner` no longer holds the lease (another worker took
+    /// the job over; nothing is written); [`StoreError::Unavailable`].
+    async fn revocation_record(
+        &self,
+        owner: &str,
+        job_id: &str,
+        lease_until_ms: i64,
+        receipts: &[RevocationReceiptRecord],
+        events: &[NewAuditEvent],
+    ) -> Result<Vec<i64>>;
+
+    /// End a worker's pass over a job and give up its lease. When no step is pending or
+    /// failed the job becomes `done` at `now_ms` and `done_event` is appended; otherwise
+    /// it stays running, due at its earliest failed step's retry time.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] if `owner` no longer holds the lease;
+    /// [`StoreError::Unavailable`].
+    async fn revocation_release(
+        &self,
+        owner: &str,
+        job_id: &str,
+        now_ms: i64,
+        done_event: NewAuditEvent,
+    ) -> Result<RevocationJob>;
+
+    /// Receipts of a job with `seq > after_seq`, ascending, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn revocation_receipts(
+        &self,
+        job_id: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<RevocationReceiptRecord>>;
+
+    /// Steps not yet at a final outcome (pending or failed), over all jobs: the
+    /// revocation queue depth.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn revocation_queue_depth(&self) -> Result<u64>;
+
     /// Health check: a trivial query.
     ///
     /// # Errors

@@ -17,16 +17,20 @@ pub enum ConfigKind {
     Policy,
     /// Which policy version is active (one object, named `active`).
     PolicyActivation,
+    /// A deny entry: new exchanges of a workload, a workload prefix or an issuer are
+    /// refused until it expires (named `<kind>:<value>`).
+    DenyEntry,
 }
 
 impl ConfigKind {
     /// Every kind.
-    pub const ALL: [ConfigKind; 5] = [
+    pub const ALL: [ConfigKind; 6] = [
         ConfigKind::Issuer,
         ConfigKind::TrustRule,
         ConfigKind::Destination,
         ConfigKind::Policy,
         ConfigKind::PolicyActivation,
+        ConfigKind::DenyEntry,
     ];
     /// Stable spelling used in the database and in audit events.
     pub fn as_str(self) -> &'static str {
@@ -36,6 +40,7 @@ impl ConfigKind {
             ConfigKind::Destination => "destination",
             ConfigKind::Policy => "policy",
             ConfigKind::PolicyActivation => "policy_activation",
+            ConfigKind::DenyEntry => "deny_entry",
         }
     }
     /// Parse the stable spelling.
@@ -191,4 +196,275 @@ pub struct Page<T> {
     pub items: Vec<T>,
     /// Cursor for the next page, `None` at the end.
     pub next_cursor: Option<String>,
+}
+
+/// Which grants a revocation covers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum RevokeSelector {
+    /// One grant, by ID.
+    Grant(String),
+    /// Every grant bound to this task.
+    Task(String),
+    /// Every grant of this workload (exact ID).
+    Workload(String),
+    /// Every grant of workloads whose ID starts with this prefix.
+    WorkloadPrefix(String),
+    /// Every grant proved by tokens of this issuer (its name).
+    Issuer(String),
+    /// Every grant for this destination.
+    Destination(String),
+}
+
+impl RevokeSelector {
+    /// Every selector kind, in its stable spelling.
+    pub const KINDS: [&'static str; 6] = [
+        "grant",
+        "task",
+        "workload",
+        "workload_prefix",
+        "issuer",
+        "destination",
+    ];
+
+    /// Stable spelling of the kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RevokeSelector::Grant(_) => "grant",
+            RevokeSelector::Task(_) => "task",
+            RevokeSelector::Workload(_) => "workload",
+            RevokeSelector::WorkloadPrefix(_) => "workload_prefix",
+            RevokeSelector::Issuer(_) => "issuer",
+            RevokeSelector::Destination(_) => "destination",
+        }
+    }
+
+    /// The value selected on.
+    pub fn value(&self) -> &str {
+        match self {
+            RevokeSelector::Grant(v)
+            | RevokeSelector::Task(v)
+            | RevokeSelector::Workload(v)
+            | RevokeSelector::WorkloadPrefix(v)
+            | RevokeSelector::Issuer(v)
+            | RevokeSelector::Destination(v) => v,
+        }
+    }
+
+    /// Build from the stable spelling of a kind and a value.
+    pub fn from_parts(kind: &str, value: String) -> Option<Self> {
+        Some(match kind {
+            "grant" => RevokeSelector::Grant(value),
+            "task" => RevokeSelector::Task(value),
+            "workload" => RevokeSelector::Workload(value),
+            "workload_prefix" => RevokeSelector::WorkloadPrefix(value),
+            "issuer" => RevokeSelector::Issuer(value),
+            "destination" => RevokeSelector::Destination(value),
+            _ => return None,
+        })
+    }
+
+    /// The grant column the selector compares, and whether it is a prefix match.
+    pub fn column(&self) -> (&'static str, bool) {
+        match self {
+            RevokeSelector::Grant(_) => ("id", false),
+            RevokeSelector::Task(_) => ("task_id", false),
+            RevokeSelector::Workload(_) => ("workload_id", false),
+            RevokeSelector::WorkloadPrefix(_) => ("workload_id", true),
+            RevokeSelector::Issuer(_) => ("issuer", false),
+            RevokeSelector::Destination(_) => ("destination", false),
+        }
+    }
+}
+
+impl std::fmt::Display for RevokeSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind(), self.value())
+    }
+}
+
+/// A revocation job to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRevocationJob {
+    /// Job ID (`rvk_<uuidv7>`).
+    pub id: String,
+    /// Which grants.
+    pub selector: RevokeSelector,
+    /// Why (free text from the operator).
+    pub reason: String,
+    /// Who asked (`uid:0`, `issuer-distrust`...).
+    pub requested_by: String,
+    /// Now, seconds: grants expired at this time are not matched.
+    pub now: UnixTime,
+    /// Now, milliseconds.
+    pub now_ms: i64,
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Steps remain to be done (pending, or failed and waiting for a retry).
+    Running,
+    /// Every step reached a final outcome (revoked or expires_at).
+    Done,
+}
+
+impl JobState {
+    /// Stable spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Done => "done",
+        }
+    }
+    /// Parse the stable spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "running" => Some(JobState::Running),
+            "done" => Some(JobState::Done),
+            _ => None,
+        }
+    }
+}
+
+/// A stored revocation job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RevocationJob {
+    /// Job ID.
+    pub id: String,
+    /// Which grants.
+    pub selector: RevokeSelector,
+    /// Why.
+    pub reason: String,
+    /// Who asked.
+    pub requested_by: String,
+    /// Created, milliseconds.
+    pub created_at_ms: i64,
+    /// Grants matched (one step each).
+    pub matched: u64,
+    /// State.
+    pub state: JobState,
+    /// When it reached `done`, milliseconds.
+    pub finished_at_ms: Option<i64>,
+    /// When a worker should next look at it, milliseconds.
+    pub next_run_at_ms: i64,
+    /// Receipts written so far (their `seq` run 1..=receipts).
+    pub receipts: i64,
+}
+
+/// Where one grant's revocation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    /// Not yet attempted.
+    Pending,
+    /// The destination confirmed.
+    Revoked,
+    /// The destination cannot revoke early; the credential lapses at its expiry.
+    ExpiresAt,
+    /// The last attempt failed; it is retried at `next_attempt_at_ms`.
+    Failed,
+}
+
+impl StepState {
+    /// Stable spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Revoked => "revoked",
+            StepState::ExpiresAt => "expires_at",
+            StepState::Failed => "failed",
+        }
+    }
+    /// Parse the stable spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            StepState::Pending,
+            StepState::Revoked,
+            StepState::ExpiresAt,
+            StepState::Failed,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+    /// Whether no more work is due for a step in this state.
+    pub fn is_final(self) -> bool {
+        matches!(self, StepState::Revoked | StepState::ExpiresAt)
+    }
+}
+
+/// One grant of a job, as the outbox holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RevocationStep {
+    /// The job.
+    pub job_id: String,
+    /// The grant.
+    pub grant_id: String,
+    /// Its destination.
+    pub destination: String,
+    /// Its workload.
+    pub workload_id: String,
+    /// What the destination needs to revoke it.
+    pub revocation_handle: String,
+    /// When the credential expires, seconds.
+    pub expires_at: UnixTime,
+    /// State.
+    pub state: StepState,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When it is due (again), milliseconds.
+    pub next_attempt_at_ms: i64,
+    /// The last outcome's detail or error.
+    pub detail: String,
+}
+
+/// A signed statement of what one destination did for some grants of a job. Writing it
+/// moves those grants' steps to its outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RevocationReceiptRecord {
+    /// The job.
+    pub job_id: String,
+    /// 1, 2, ... within the job.
+    pub seq: i64,
+    /// The destination.
+    pub destination: String,
+    /// `revoked`, `expires_at` or `failed`.
+    pub outcome: StepState,
+    /// The grants it covers.
+    pub grant_ids: Vec<String>,
+    /// For `expires_at`: the latest expiry among the grants, seconds.
+    pub expires_at: Option<UnixTime>,
+    /// How it was revoked, or the error.
+    pub detail: String,
+    /// When, milliseconds.
+    pub created_at_ms: i64,
+    /// lanyard's compact JWS over the receipt.
+    pub signature: String,
+    /// For `failed`: when the grants are tried again, milliseconds.
+    pub retry_at_ms: Option<i64>,
+}
+
+/// Step counts of one destination in a job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DestinationProgress {
+    /// The destination.
+    pub destination: String,
+    /// Not yet attempted.
+    pub pending: u64,
+    /// Confirmed revoked.
+    pub revoked: u64,
+    /// Lapse at expiry.
+    pub expires_at: u64,
+    /// Failed, being retried.
+    pub failed: u64,
+    /// Latest expiry among the `expires_at` steps, seconds.
+    pub latest_expiry: Option<UnixTime>,
+}
+
+impl DestinationProgress {
+    /// All steps.
+    pub fn total(&self) -> u64 {
+        self.pending + self.revoked + self.expires_at + self.failed
+    }
 }

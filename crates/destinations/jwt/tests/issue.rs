@@ -121,6 +121,7 @@ fn token_of(issued: &Issued) -> String {
             assert_eq!(header, "authorization");
             token.expose().to_owned()
         }
+        other => panic!("a jwt destination issued {other:?}"),
     }
 }
 
