@@ -1,0 +1,1 @@
+//! Revocation (to be written).
