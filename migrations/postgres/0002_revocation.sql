@@ -52,3 +52,14 @@ CREATE TABLE revocation_receipts (
     retry_at     BIGINT,
     PRIMARY KEY (job_id, seq)
 );
+
+-- The claims each workload last presented (volatile claims such as exp and jti removed),
+-- so inventory can evaluate policy for a workload without its token.
+CREATE TABLE workloads (
+    workload_id  TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    issuer       TEXT    NOT NULL,
+    trust_rule   TEXT    NOT NULL,
+    claims       JSONB   NOT NULL,
+    first_seen   BIGINT  NOT NULL,
+    last_seen    BIGINT  NOT NULL
+);

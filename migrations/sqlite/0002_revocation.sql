@@ -52,3 +52,14 @@ CREATE TABLE revocation_receipts (
     retry_at     INTEGER,
     PRIMARY KEY (job_id, seq)
 );
+
+-- The claims each workload last presented (volatile claims such as exp and jti removed),
+-- so inventory can evaluate policy for a workload without its token.
+CREATE TABLE workloads (
+    workload_id  TEXT    NOT NULL PRIMARY KEY,
+    issuer       TEXT    NOT NULL,
+    trust_rule   TEXT    NOT NULL,
+    claims       TEXT    NOT NULL,  -- JSON object
+    first_seen   INTEGER NOT NULL,
+    last_seen    INTEGER NOT NULL
+);

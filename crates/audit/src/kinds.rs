@@ -7,7 +7,10 @@
 //! | `exchange.denied` | an exchange was refused (with the reason code) |
 //! | `grant.renewed` / `grant.renew_denied` | a renew succeeded / was refused |
 //! | `grant.released` / `grant.release_denied` | a release succeeded / was refused |
-//! | `revocation.requested`, `revocation.receipt` | revocation (written by `Revoke`) |
+//! | `revocation.requested` | an operator (or an issuer kill switch) started a revocation job: selector, reason, grants matched, deny entry |
+//! | `revocation.receipt` | a destination handled some of a job's grants: outcome, count, signed receipt's hash |
+//! | `revocation.completed` | every grant of a job reached a final outcome |
+//! | `deny_entry.put` / `deny_entry.delete` | a deny entry was lifted (written with the job that creates one) |
 //! | `issuer.put` / `issuer.delete` | an issuer was registered, changed or removed (before/after) |
 //! | `trust_rule.put` / `trust_rule.delete` | the same for trust rules |
 //! | `destination.put` / `destination.delete` | the same for destinations |
@@ -39,6 +42,12 @@ pub const ISSUER_KEYS_FETCH_RECOVERED: &str = "issuer.keys_fetch_recovered";
 pub const POLICY_PUT: &str = "policy.put";
 /// A policy version was activated.
 pub const POLICY_ACTIVATED: &str = "policy.activated";
+/// A revocation job was created (the grants it matched stop being active at once).
+pub const REVOCATION_REQUESTED: &str = "revocation.requested";
+/// A destination handled some of a job's grants (one signed receipt).
+pub const REVOCATION_RECEIPT: &str = "revocation.receipt";
+/// Every grant of a revocation job reached a final outcome.
+pub const REVOCATION_COMPLETED: &str = "revocation.completed";
 /// An operator ran Explain.
 pub const ADMIN_EXPLAIN: &str = "admin.explain";
 /// A signed checkpoint of the chain head.

@@ -135,6 +135,17 @@ pub async fn issuer(g: &GlobalArgs, cmd: &IssuerCommand) -> anyhow::Result<()> {
                 .or_rpc_error(&a.target)?;
             print_issuer(g, &r)
         }
+        IssuerCommand::Distrust { name, reason } => {
+            let stream = a
+                .client
+                .distrust_issuer(pb::DistrustIssuerRequest {
+                    name: name.clone(),
+                    reason: reason.clone(),
+                })
+                .await
+                .or_rpc_error(&a.target)?;
+            crate::revoke::show_stream(g, stream, &a.target).await
+        }
     }
 }
 
@@ -355,6 +366,7 @@ pub fn destination_from_args(p: &DestinationPutArgs) -> anyhow::Result<pb::Desti
         } else {
             0
         },
+        introspection_clients: p.introspection_clients.clone(),
     })
 }
 
@@ -380,6 +392,7 @@ fn destination_rows(d: &pb::Destination) -> Vec<(&'static str, String)> {
             output::human_duration(u64::from(d.max_ttl_seconds)),
         ),
         ("labels", output::labels_str(d)),
+        ("introspection clients", joined(&d.introspection_clients)),
         (
             "settings",
             d.settings

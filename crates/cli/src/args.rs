@@ -89,6 +89,15 @@ pub enum Command {
     /// Look up grants (admin socket).
     #[command(subcommand)]
     Grants(GrantsCommand),
+    /// Revoke every grant matching a selector at every destination, with a signed receipt
+    /// per destination; or follow, show and list revocation jobs (admin socket).
+    Revoke(RevokeArgs),
+    /// Deny entries: workloads, prefixes and issuers whose new exchanges are refused
+    /// (admin socket).
+    #[command(subcommand)]
+    Deny(DenyCommand),
+    /// What a workload can reach by policy and which grants it holds now (admin socket).
+    Inventory(InventoryArgs),
     /// Show what lanyard would decide for a token and request, issuing nothing (admin socket).
     Explain(ExplainArgs),
     /// lanyard's own signing keys (admin socket).
@@ -254,6 +263,15 @@ pub enum IssuerCommand {
         /// Issuer name.
         name: String,
     },
+    /// Kill switch: refuse the issuer's tokens from now on and revoke every grant derived
+    /// from them, with receipts. Undo with `lanyard deny lift issuer:NAME`.
+    Distrust {
+        /// Issuer name.
+        name: String,
+        /// Why (required; recorded in the audit stream and the receipts).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 /// Where an issuer's keys come from: exactly one.
@@ -416,6 +434,10 @@ pub struct DestinationPutArgs {
         requires = "require_audit_sink"
     )]
     pub max_audit_lag: u32,
+    /// A workload allowed to introspect this destination's lanyard tokens (RFC 7662):
+    /// a SPIFFE ID, or a prefix ending in `/*`. Repeatable.
+    #[arg(long = "introspection-client", value_name = "WORKLOAD_ID")]
+    pub introspection_clients: Vec<String>,
 }
 
 // === grants ===
@@ -657,4 +679,109 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
+}
+
+// === revoke ===
+
+/// `lanyard revoke`
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct RevokeArgs {
+    /// Follow, show or list jobs instead of starting one.
+    #[command(subcommand)]
+    pub command: Option<RevokeCommand>,
+    /// Which grants.
+    #[command(flatten)]
+    pub selector: Option<RevokeSelectorArgs>,
+    /// Why (required; recorded in the audit stream and the signed receipts).
+    #[arg(long, required = true)]
+    pub reason: Option<String>,
+    /// Also refuse new exchanges of the selected workload, workload prefix or issuer for
+    /// this long, e.g. `1h` (a deny entry; lift it early with `lanyard deny lift`).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub deny_for: Option<std::time::Duration>,
+}
+
+/// Which grants to revoke: exactly one.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct RevokeSelectorArgs {
+    /// One grant.
+    #[arg(long, value_name = "GRANT_ID")]
+    pub grant: Option<String>,
+    /// Every grant of a task.
+    #[arg(long, value_name = "TASK_ID")]
+    pub task: Option<String>,
+    /// Every grant of a workload (exact SPIFFE ID).
+    #[arg(long, value_name = "WORKLOAD_ID")]
+    pub workload: Option<String>,
+    /// Every grant of the workloads whose ID starts with this prefix.
+    #[arg(long, value_name = "PREFIX")]
+    pub workload_prefix: Option<String>,
+    /// Every grant proved by tokens of this issuer (its name).
+    #[arg(long, value_name = "NAME")]
+    pub issuer: Option<String>,
+    /// Every grant for this destination.
+    #[arg(long, value_name = "NAME")]
+    pub destination: Option<String>,
+}
+
+/// `lanyard revoke ...` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RevokeCommand {
+    /// Show a job: per-destination progress and, with --receipts, its signed receipts.
+    Status {
+        /// Job ID (rvk_...).
+        job: String,
+        /// List every receipt (with its signature in JSON output).
+        #[arg(long)]
+        receipts: bool,
+        /// Follow the job until every grant has been attempted, as `lanyard revoke` does.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// List jobs, newest first.
+    List {
+        /// At most this many (1-1000).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+// === deny ===
+
+/// `lanyard deny ...`
+#[derive(Debug, Subcommand)]
+pub enum DenyCommand {
+    /// List deny entries.
+    List,
+    /// Lift a deny entry (its name as listed, e.g. `workload:spiffe://...`).
+    Lift {
+        /// Entry name.
+        name: String,
+    },
+}
+
+// === inventory ===
+
+/// `lanyard inventory`
+#[derive(Debug, Clone, Args)]
+pub struct InventoryArgs {
+    /// The workload (exact SPIFFE ID).
+    pub workload: String,
+    /// Only grants proved by this issuer.
+    #[arg(long)]
+    pub issuer: Option<String>,
+    /// Only grants for this destination.
+    #[arg(long)]
+    pub destination: Option<String>,
+    /// Only grants of this task.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Grants per page (1-1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// Every page of grants, not only the first.
+    #[arg(long)]
+    pub all: bool,
 }

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod dev_server;
 pub mod output;
 pub mod policy;
+pub mod revoke;
 pub mod serve;
 pub mod workload;
 
@@ -36,6 +37,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TrustRule(c) => admin::trust_rule(g, c).await,
         Command::Destination(c) => admin::destination(g, c).await,
         Command::Grants(c) => admin::grants(g, c).await,
+        Command::Revoke(a) => revoke::revoke(g, a).await,
+        Command::Deny(c) => revoke::deny(g, c).await,
+        Command::Inventory(a) => revoke::inventory(g, a).await,
         Command::Explain(a) => admin::explain(g, a).await,
         Command::Keys(c) => admin::keys(g, c).await,
         Command::Policy(c) => policy::policy(g, c).await,

@@ -290,6 +290,10 @@ pub fn receipt_json(r: &pb::RevocationReceipt) -> Value {
         "detail": r.detail,
         "at": ts_json(r.at.as_ref()),
         "signature": r.signature,
+        "job_id": r.job_id,
+        "seq": r.seq,
+        "grant_ids": r.grant_ids,
+        "retry_at": ts_json(r.retry_at.as_ref()),
     })
 }
 
@@ -484,6 +488,9 @@ pub fn destination_json(d: &pb::Destination) -> Value {
         "labels": d.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "settings": d.settings.as_ref().map_or(json!({}), struct_json),
         "revision": d.revision,
+        "require_audit_sink": d.require_audit_sink,
+        "max_audit_lag": d.max_audit_lag,
+        "introspection_clients": d.introspection_clients,
     })
 }
 

@@ -97,6 +97,15 @@ reasons! {
     /// The destination requires an audit sink that is behind (or not running); the
     /// exchange is refused until it catches up.
     AuditDeliveryLagging => "AUDIT_DELIVERY_LAGGING",
+    /// The grant was revoked by an operator (or an issuer kill switch); it cannot be
+    /// renewed or released.
+    GrantRevoked => "GRANT_REVOKED",
+    /// The workload is on a deny list after a revocation; new exchanges are refused
+    /// until the entry expires or is lifted.
+    WorkloadDenied => "WORKLOAD_DENIED",
+    /// The issuer was distrusted (kill switch); its tokens are refused until an operator
+    /// lifts the entry.
+    IssuerDistrusted => "ISSUER_DISTRUSTED",
     /// The RPC is defined but not served by this version.
     Unimplemented => "UNIMPLEMENTED",
     /// An internal error; the server log has the cause.

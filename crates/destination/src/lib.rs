@@ -71,10 +71,21 @@ pub struct DestinationSpec {
     /// Events the required sink may lag behind the chain head.
     #[serde(default)]
     pub max_audit_lag: u64,
+    /// Workload IDs (SPIFFE IDs) allowed to introspect this destination's tokens at
+    /// lanyard's RFC 7662 endpoint, authenticated by their own platform token. An entry
+    /// ending in `/*` matches every workload ID below that path
+    /// (`spiffe://lanyard.local/api/*` matches `spiffe://lanyard.local/api/orders`, not
+    /// `spiffe://lanyard.local/api`). Empty: nobody may; every answer is inactive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub introspection_clients: Vec<String>,
 }
 
 /// Audit sinks a destination may require (`[audit.file]`, `[audit.otlp]`).
 pub const AUDIT_SINKS: &[&str] = &["file", "otlp"];
+/// At most this many [`DestinationSpec::introspection_clients`] entries.
+pub const MAX_INTROSPECTION_CLIENTS: usize = 256;
+/// The suffix that makes an [`DestinationSpec::introspection_clients`] entry a prefix.
+const PREFIX_WILDCARD: &str = "/*";
 
 fn default_ttl() -> u64 {
     900
@@ -116,7 +127,36 @@ impl DestinationSpec {
                 "require_audit_sink {sink:?} is not an audit sink; use one of {AUDIT_SINKS:?}"
             )));
         }
+        if self.introspection_clients.len() > MAX_INTROSPECTION_CLIENTS {
+            return Err(bad(format!(
+                "introspection_clients lists more than {MAX_INTROSPECTION_CLIENTS} entries"
+            )));
+        }
+        for (i, entry) in self.introspection_clients.iter().enumerate() {
+            valid_introspection_client(entry).map_err(|why| {
+                bad(format!(
+                    "introspection_clients[{i}] {:?}: {why}",
+                    entry.chars().take(100).collect::<String>()
+                ))
+            })?;
+        }
         Ok(())
+    }
+
+    /// Whether `workload_id` may introspect this destination's tokens: it equals an
+    /// [`DestinationSpec::introspection_clients`] entry, or lies below one ending in
+    /// `/*`.
+    pub fn allows_introspection_by(&self, workload_id: &str) -> bool {
+        self.introspection_clients.iter().any(|entry| {
+            match entry.strip_suffix(PREFIX_WILDCARD) {
+                // Keep the `/`: `.../api/*` must not match `.../apiary`.
+                Some(base) => workload_id
+                    .strip_prefix(base)
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .is_some_and(|rest| !rest.is_empty()),
+                None => entry == workload_id,
+            }
+        })
     }
 
     /// The TTL to issue for a request: the default when none is asked, clamped to the
@@ -134,6 +174,22 @@ impl DestinationSpec {
             .filter(|s| !self.scopes.iter().any(|o| o == s.as_str()))
             .collect()
     }
+}
+
+/// Check one `introspection_clients` entry: a SPIFFE ID, optionally followed by `/*`;
+/// `spiffe://<trust-domain>/*` names every workload of that trust domain.
+fn valid_introspection_client(entry: &str) -> std::result::Result<(), &'static str> {
+    if entry.is_empty() {
+        return Err("must not be empty");
+    }
+    let parsed = match entry.strip_suffix(PREFIX_WILDCARD) {
+        // Whatever may follow the prefix, one more segment must make a valid ID.
+        Some(base) => WorkloadId::parse(&format!("{base}/x")),
+        None => WorkloadId::parse(entry),
+    };
+    parsed.map(|_| ()).map_err(
+        |_| "must be a workload id (spiffe://<trust-domain>/<path>), optionally ending in /*",
+    )
 }
 
 /// Whether `s` is a valid object name: 1-63 characters of `[a-z0-9-]`, not starting
@@ -374,6 +430,75 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn introspection_clients_default_empty_and_are_not_serialized_then() {
+        let s = spec();
+        assert!(s.introspection_clients.is_empty());
+        assert!(!s.allows_introspection_by("spiffe://lanyard.local/api"));
+        let json = serde_json::to_value(&s).unwrap();
+        assert!(json.get("introspection_clients").is_none(), "{json}");
+        let mut s = spec();
+        s.introspection_clients = vec!["spiffe://lanyard.local/api".into()];
+        let back: DestinationSpec =
+            serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn introspection_clients_match_exactly_or_below_a_prefix() {
+        let mut s = spec();
+        s.introspection_clients = vec![
+            "spiffe://lanyard.local/k8s/ns/orders/sa/api".into(),
+            "spiffe://lanyard.local/gateways/*".into(),
+            "spiffe://other.td/*".into(),
+        ];
+        s.validate().unwrap();
+        for (id, want) in [
+            ("spiffe://lanyard.local/k8s/ns/orders/sa/api", true),
+            ("spiffe://lanyard.local/k8s/ns/orders/sa/api2", false),
+            ("spiffe://lanyard.local/k8s/ns/orders/sa", false),
+            ("spiffe://lanyard.local/gateways/eu", true),
+            ("spiffe://lanyard.local/gateways/eu/1", true),
+            ("spiffe://lanyard.local/gateways", false),
+            ("spiffe://lanyard.local/gateways/", false),
+            ("spiffe://lanyard.local/gatewaysx/eu", false),
+            ("spiffe://other.td/anything", true),
+            ("spiffe://other.tdx/anything", false),
+            ("", false),
+        ] {
+            assert_eq!(s.allows_introspection_by(id), want, "{id}");
+        }
+    }
+
+    #[test]
+    fn bad_introspection_clients_are_refused() {
+        for bad in [
+            "",
+            "*",
+            "/*",
+            "lanyard.local/api",
+            "https://lanyard.local/api",
+            "spiffe://lanyard.local",
+            "spiffe://lanyard.local/",
+            "spiffe://lanyard.local/api/",
+            "spiffe://lanyard.local//*",
+            "spiffe://lanyard.local/a*",
+            "spiffe://lanyard.local/*/api",
+            "spiffe://lanyard.local/api/**",
+            "spiffe://Lanyard.local/api",
+            "spiffe://lanyard.local/../api",
+        ] {
+            let mut s = spec();
+            s.introspection_clients = vec![bad.into()];
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains("introspection_clients[0]"), "{bad:?}: {err}");
+        }
+        let mut s = spec();
+        s.introspection_clients =
+            vec!["spiffe://lanyard.local/a".into(); MAX_INTROSPECTION_CLIENTS + 1];
+        assert!(s.validate().is_err());
     }
 
     #[test]

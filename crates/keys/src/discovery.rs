@@ -10,9 +10,9 @@ use crate::SigningAlgorithm;
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 /// Path of the discovery document under the issuer URL.
 pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
-/// Path of RFC 7662 introspection for lanyard's own tokens. Not yet served, so not yet
-/// advertised in the discovery document (the revoke-everywhere work adds both).
-pub const INTROSPECTION_PATH: &str = "/v1/introspect";
+/// Path of RFC 7662 introspection for lanyard's own tokens (`POST`, advertised as
+/// `introspection_endpoint`, RFC 8414).
+pub const INTROSPECTION_PATH: &str = "/oauth2/introspect";
 
 /// The document served at `{issuer_url}/.well-known/openid-configuration`.
 ///
@@ -21,7 +21,10 @@ pub const INTROSPECTION_PATH: &str = "/v1/introspect";
 /// [`KeyRing::published_algorithms`](crate::KeyRing::published_algorithms)) is
 /// deduplicated and sorted; when empty, the default algorithm is listed.
 /// `authorization_endpoint` is present but empty, as in SPIRE, because the field is
-/// REQUIRED by the spec and lanyard has no interactive flow.
+/// REQUIRED by the spec and lanyard has no interactive flow. `introspection_endpoint`
+/// (RFC 8414) is where resource servers check that a lanyard token is still active; its
+/// callers authenticate with their own platform token, a method RFC 8414 has no name
+/// for, so `introspection_endpoint_auth_methods_supported` is left out.
 pub fn discovery_document(issuer_url: &str, algs: &[SigningAlgorithm]) -> serde_json::Value {
     let base = issuer_url.trim_end_matches('/');
     let mut algs = algs.to_vec();
@@ -34,6 +37,7 @@ pub fn discovery_document(issuer_url: &str, algs: &[SigningAlgorithm]) -> serde_
     json!({
         "issuer": issuer_url,
         "jwks_uri": format!("{base}{JWKS_PATH}"),
+        "introspection_endpoint": format!("{base}{INTROSPECTION_PATH}"),
         "authorization_endpoint": "",
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
@@ -60,6 +64,7 @@ mod tests {
             json!({
                 "issuer": "https://lanyard.example.com",
                 "jwks_uri": "https://lanyard.example.com/.well-known/jwks.json",
+                "introspection_endpoint": "https://lanyard.example.com/oauth2/introspect",
                 "authorization_endpoint": "",
                 "response_types_supported": ["id_token"],
                 "subject_types_supported": ["public"],
@@ -75,6 +80,10 @@ mod tests {
         assert_eq!(
             doc["jwks_uri"],
             "https://l.example/tenant/.well-known/jwks.json"
+        );
+        assert_eq!(
+            doc["introspection_endpoint"],
+            "https://l.example/tenant/oauth2/introspect"
         );
         assert_eq!(
             doc["id_token_signing_alg_values_supported"],

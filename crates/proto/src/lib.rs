@@ -52,6 +52,7 @@ pub mod v1 {
     );
     redacted_debug!(AwsCredentials { access_key_id, region } [secret_access_key, session_token]);
     redacted_debug!(FingerprintRequest {}[token]);
+    redacted_debug!(IntrospectRequest { client_token_type } [token, client_token]);
     redacted_debug!(
         DatabaseCredentials {
             host,

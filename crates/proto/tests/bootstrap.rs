@@ -18,6 +18,7 @@ const SECRET_MESSAGES: &[&str] = &[
     ".lanyard.v1.AwsCredentials",
     ".lanyard.v1.DatabaseCredentials",
     ".lanyard.v1.FingerprintRequest",
+    ".lanyard.v1.IntrospectRequest",
 ];
 
 fn generate(out: &Path) -> Vec<u8> {

@@ -59,6 +59,30 @@ pub struct FileConfig {
     pub audit: AuditConfig,
     /// Traces (OpenTelemetry over OTLP).
     pub telemetry: TelemetryConfig,
+    /// Revocation jobs.
+    pub revocation: RevocationConfig,
+}
+
+/// `[revocation]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RevocationConfig {
+    /// How long a worker holds a job without renewing its lease; after a crash, the job
+    /// resumes (here after restart, or on another replica) within this time.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often an idle worker looks for jobs written by other replicas.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(15),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 /// `[telemetry]`
@@ -248,6 +272,7 @@ impl Default for FileConfig {
             log: LogConfig::default(),
             audit: AuditConfig::default(),
             telemetry: TelemetryConfig::default(),
+            revocation: RevocationConfig::default(),
         }
     }
 }
@@ -532,6 +557,20 @@ impl FileConfig {
                 sample_ratio: self.telemetry.sample_ratio,
             })
         };
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.revocation.lease) {
+            return Err(ConfigError::Invalid {
+                key: "revocation.lease",
+                message: "must be between 1s and 1h".into(),
+            });
+        }
+        if !(Duration::from_millis(50)..=Duration::from_secs(60))
+            .contains(&self.revocation.poll_interval)
+        {
+            return Err(ConfigError::Invalid {
+                key: "revocation.poll_interval",
+                message: "must be between 50ms and 60s".into(),
+            });
+        }
         if self.limits.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid {
                 key: "limits.max_request_bytes",
@@ -556,6 +595,10 @@ impl FileConfig {
             log: self.log.clone(),
             audit,
             telemetry,
+            revocation: crate::revoke::RevocationSettings {
+                lease: self.revocation.lease,
+                poll: self.revocation.poll_interval,
+            },
         })
     }
 }
@@ -685,6 +728,8 @@ pub struct Config {
     pub audit: AuditSettings,
     /// Traces; `None` when off.
     pub telemetry: Option<TelemetrySettings>,
+    /// Revocation worker.
+    pub revocation: crate::revoke::RevocationSettings,
 }
 
 #[cfg(test)]

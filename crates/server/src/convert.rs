@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use lanyard_destination::{Credential, DestinationSpec, Revocability, RevokeOutcome};
 use lanyard_proto::v1 as pb;
-use lanyard_store::GrantRecord;
+use lanyard_store::{
+    DestinationProgress, GrantRecord, RevocationJob, RevocationReceiptRecord, RevokeSelector,
+};
 use lanyard_trust::{Algorithm, ClaimCondition, ClaimMatcher, IssuerConfig, KeySource, TrustRule};
 use prost_types::Timestamp;
 
@@ -170,6 +172,7 @@ pub fn destination_from_pb(d: pb::Destination) -> DestinationSpec {
             .unwrap_or(serde_json::Value::Object(serde_json::Map::new())),
         require_audit_sink: Some(d.require_audit_sink).filter(|s| !s.is_empty()),
         max_audit_lag: u64::from(d.max_audit_lag),
+        introspection_clients: d.introspection_clients,
     }
 }
 
@@ -189,6 +192,7 @@ pub fn destination_to_pb(s: &DestinationSpec, revision: i64) -> pb::Destination 
         revision,
         require_audit_sink: s.require_audit_sink.clone().unwrap_or_default(),
         max_audit_lag: u32::try_from(s.max_audit_lag).unwrap_or(u32::MAX),
+        introspection_clients: s.introspection_clients.clone(),
     }
 }
 
@@ -268,7 +272,121 @@ pub fn receipt_to_pb(g: &GrantRecord, o: &RevokeOutcome, at: i64) -> pb::Revocat
         expires_at,
         detail,
         at: ts(at),
-        signature: String::new(),
+        ..pb::RevocationReceipt::default()
+    }
+}
+
+/// Milliseconds to a protobuf timestamp.
+pub fn ts_ms(ms: i64) -> Option<Timestamp> {
+    Some(Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    })
+}
+
+fn count32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// A wire selector to the domain one.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` when none is set.
+pub fn selector_from_pb(s: Option<pb::RevokeSelector>) -> Result<RevokeSelector, ApiError> {
+    use pb::revoke_selector::Selector as S;
+    match s.and_then(|s| s.selector) {
+        Some(S::GrantId(v)) => Ok(RevokeSelector::Grant(v)),
+        Some(S::TaskId(v)) => Ok(RevokeSelector::Task(v)),
+        Some(S::WorkloadId(v)) => Ok(RevokeSelector::Workload(v)),
+        Some(S::WorkloadPrefix(v)) => Ok(RevokeSelector::WorkloadPrefix(v)),
+        Some(S::Issuer(v)) => Ok(RevokeSelector::Issuer(v)),
+        Some(S::Destination(v)) => Ok(RevokeSelector::Destination(v)),
+        None => Err(ApiError::invalid(
+            "a selector is required: grant_id, task_id, workload_id, workload_prefix, issuer or destination",
+        )),
+    }
+}
+
+/// A domain selector to the wire.
+pub fn selector_to_pb(s: &RevokeSelector) -> pb::RevokeSelector {
+    use pb::revoke_selector::Selector as S;
+    let v = s.value().to_owned();
+    pb::RevokeSelector {
+        selector: Some(match s {
+            RevokeSelector::Grant(_) => S::GrantId(v),
+            RevokeSelector::Task(_) => S::TaskId(v),
+            RevokeSelector::Workload(_) => S::WorkloadId(v),
+            RevokeSelector::WorkloadPrefix(_) => S::WorkloadPrefix(v),
+            RevokeSelector::Issuer(_) => S::Issuer(v),
+            RevokeSelector::Destination(_) => S::Destination(v),
+        }),
+    }
+}
+
+/// Per-destination step counts to the wire.
+pub fn progress_to_pb(p: &DestinationProgress) -> pb::RevocationDestination {
+    pb::RevocationDestination {
+        destination: p.destination.clone(),
+        pending: count32(p.pending),
+        revoked: count32(p.revoked),
+        expires_at: count32(p.expires_at),
+        failed: count32(p.failed),
+        latest_expiry: p.latest_expiry.and_then(ts),
+    }
+}
+
+/// A job and its progress to the wire.
+pub fn job_to_pb(
+    j: &RevocationJob,
+    progress: &[DestinationProgress],
+    deny_entry: Option<String>,
+) -> pb::RevocationJob {
+    pb::RevocationJob {
+        id: j.id.clone(),
+        selector: Some(selector_to_pb(&j.selector)),
+        reason: j.reason.clone(),
+        requested_by: j.requested_by.clone(),
+        created_at: ts_ms(j.created_at_ms),
+        matched: count32(j.matched),
+        state: j.state.as_str().into(),
+        finished_at: j.finished_at_ms.and_then(ts_ms),
+        destinations: progress.iter().map(progress_to_pb).collect(),
+        receipts: u32::try_from(j.receipts).unwrap_or(u32::MAX),
+        deny_entry: deny_entry.unwrap_or_default(),
+    }
+}
+
+/// A stored job receipt to the wire.
+pub fn job_receipt_to_pb(r: &RevocationReceiptRecord) -> pb::RevocationReceipt {
+    pb::RevocationReceipt {
+        grant_id: match r.grant_ids.as_slice() {
+            [one] => one.clone(),
+            _ => String::new(),
+        },
+        destination: r.destination.clone(),
+        outcome: r.outcome.as_str().into(),
+        expires_at: r.expires_at.and_then(ts),
+        detail: r.detail.clone(),
+        at: ts_ms(r.created_at_ms),
+        signature: r.signature.clone(),
+        job_id: r.job_id.clone(),
+        seq: u32::try_from(r.seq).unwrap_or(u32::MAX),
+        grant_ids: r.grant_ids.clone(),
+        retry_at: r.retry_at_ms.and_then(ts_ms),
+    }
+}
+
+/// A deny entry to the wire.
+pub fn deny_to_pb(d: &crate::revoke::DenyEntry) -> pb::DenyEntry {
+    pb::DenyEntry {
+        name: d.name(),
+        kind: d.kind.clone(),
+        value: d.value.clone(),
+        reason: d.reason.clone(),
+        job_id: d.job_id.clone(),
+        created_at: ts(d.created_at),
+        expires_at: d.expires_at.and_then(ts),
+        created_by: d.created_by.clone(),
     }
 }
 

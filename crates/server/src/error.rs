@@ -77,9 +77,12 @@ pub fn code_for(reason: ReasonCode) -> Code {
         | R::AudienceMismatch
         | R::ClaimMissing
         | R::ClaimInvalid => Code::Unauthenticated,
-        R::NoTrustRule | R::PolicyDenied | R::GrantMismatch | R::DelegationDenied => {
-            Code::PermissionDenied
-        }
+        R::NoTrustRule
+        | R::PolicyDenied
+        | R::GrantMismatch
+        | R::DelegationDenied
+        | R::WorkloadDenied
+        | R::IssuerDistrusted => Code::PermissionDenied,
         R::IssuerUnavailable
         | R::StoreUnavailable
         | R::DestinationFailed
@@ -88,7 +91,7 @@ pub fn code_for(reason: ReasonCode) -> Code {
         R::ScopeNotAllowed | R::TtlInvalid | R::InvalidArgument | R::ConfigInvalid => {
             Code::InvalidArgument
         }
-        R::GrantNotActive => Code::FailedPrecondition,
+        R::GrantNotActive | R::GrantRevoked => Code::FailedPrecondition,
         R::RequestTooLarge => Code::ResourceExhausted,
         R::Conflict => Code::Aborted,
         R::Unimplemented => Code::Unimplemented,

@@ -12,6 +12,7 @@ pub mod dry_run;
 pub mod error;
 pub mod http;
 pub mod introspect;
+pub mod inventory;
 pub mod metrics;
 pub mod policy_store;
 pub mod registry;

@@ -78,6 +78,31 @@ impl Rpc {
     }
 }
 
+/// How an introspection request ended (the `result` label of
+/// `lanyard_introspections_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntrospectionResult {
+    /// The token is active.
+    Active,
+    /// Answered `{"active": false}`, whatever the reason.
+    Inactive,
+    /// The caller's own token was refused (HTTP 401).
+    Unauthorized,
+    /// The answer could not be given (the store was unavailable).
+    Error,
+}
+
+impl IntrospectionResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            IntrospectionResult::Active => "active",
+            IntrospectionResult::Inactive => "inactive",
+            IntrospectionResult::Unauthorized => "unauthorized",
+            IntrospectionResult::Error => "error",
+        }
+    }
+}
+
 /// lanyard's metrics and the registry that renders them.
 pub struct Metrics {
     registry: Registry,
@@ -89,6 +114,9 @@ pub struct Metrics {
     active_grants: IntGauge,
     audit_sink_lag: IntGaugeVec,
     audit_head_seq: IntGauge,
+    introspections: IntCounterVec,
+    revocation_queue: IntGauge,
+    revocation_receipts: IntCounterVec,
     /// When the active-grant count was last read; the lock makes refreshes single-flight.
     active_refreshed: tokio::sync::Mutex<Option<Instant>>,
 }
@@ -159,6 +187,27 @@ impl Metrics {
             "lanyard_audit_head_seq",
             "Sequence number of the newest committed audit event.",
         )?;
+        let revocation_queue = IntGauge::new(
+            "lanyard_revocation_queue_depth",
+            "Revocation steps (one per grant) not yet at a final outcome: pending, or failed and waiting for a retry (refreshed at most every 5 s).",
+        )?;
+        let revocation_receipts = IntCounterVec::new(
+            Opts::new(
+                "lanyard_revocation_grants_total",
+                "Grants handled by revocation jobs, by destination and outcome (revoked/expires_at/failed).",
+            ),
+            &["destination", "outcome"],
+        )?;
+        registry.register(Box::new(revocation_queue.clone()))?;
+        registry.register(Box::new(revocation_receipts.clone()))?;
+        let introspections = IntCounterVec::new(
+            Opts::new(
+                "lanyard_introspections_total",
+                "Introspection requests answered, by result (active/inactive/unauthorized/error).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(introspections.clone()))?;
         registry.register(Box::new(exchanges.clone()))?;
         registry.register(Box::new(exchange_seconds.clone()))?;
         registry.register(Box::new(renewals.clone()))?;
@@ -178,6 +227,9 @@ impl Metrics {
             active_grants,
             audit_sink_lag,
             audit_head_seq,
+            introspections,
+            revocation_queue,
+            revocation_receipts,
             active_refreshed: tokio::sync::Mutex::new(None),
         })
     }
@@ -212,6 +264,13 @@ impl Metrics {
         self.denied(Rpc::Release, outcome);
     }
 
+    /// Count an answered introspection request.
+    pub fn introspection(&self, result: IntrospectionResult) {
+        self.introspections
+            .with_label_values(&[result.as_str()])
+            .inc();
+    }
+
     fn denied(&self, rpc: Rpc, outcome: Outcome) {
         if let Outcome::Denied(reason) = outcome {
             self.denials
@@ -231,6 +290,13 @@ impl Metrics {
         self.audit_head_seq.set(seq);
     }
 
+    /// Count grants a revocation job handled at `destination` with `outcome`.
+    pub fn revocation_grants(&self, destination: &str, outcome: &str, n: usize) {
+        self.revocation_receipts
+            .with_label_values(&[destination, outcome])
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
     /// Re-read the active grant count if the cached one is older than
     /// [`ACTIVE_GRANTS_MAX_AGE`]. A store error keeps the previous value and is logged.
     pub async fn refresh_active_grants(&self, store: &dyn Store, now: UnixTime) {
@@ -244,6 +310,12 @@ impl Metrics {
                 *last = Some(Instant::now());
             }
             Err(e) => tracing::warn!(error = %e, "counting active grants for /metrics failed"),
+        }
+        match store.revocation_queue_depth().await {
+            Ok(n) => self
+                .revocation_queue
+                .set(i64::try_from(n).unwrap_or(i64::MAX)),
+            Err(e) => tracing::warn!(error = %e, "reading the revocation queue depth failed"),
         }
     }
 
@@ -450,6 +522,9 @@ mod tests {
         a.renew(Outcome::Denied(ReasonCode::GrantNotActive));
         a.release(Outcome::Allowed);
         a.set_audit_sink_lag("jsonl", 7);
+        a.introspection(IntrospectionResult::Active);
+        a.introspection(IntrospectionResult::Inactive);
+        a.introspection(IntrospectionResult::Inactive);
         a.set_audit_head_seq(42);
         let text = a.render();
         for (prefix, want) in [
@@ -485,6 +560,8 @@ mod tests {
             (r#"lanyard_releases_total{decision="allow"}"#, 1.0),
             (r#"lanyard_audit_sink_lag_events{sink="jsonl"}"#, 7.0),
             ("lanyard_audit_head_seq", 42.0),
+            (r#"lanyard_introspections_total{result="active"}"#, 1.0),
+            (r#"lanyard_introspections_total{result="inactive"}"#, 2.0),
             ("lanyard_grants_active", 0.0),
         ] {
             assert_eq!(sample(&text, prefix), Some(want), "{prefix} in\n{text}");

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use lanyard_destination::{Destination, DestinationError, DestinationSpec, TokenMinter};
 use lanyard_destination_jwt::JwtDestination;
+use lanyard_destination_postgres::PostgresDestination;
 
 /// Adapter kinds this build knows.
-pub const KINDS: &[&str] = &["jwt"];
+pub const KINDS: &[&str] = &["jwt", "postgres"];
 
 /// Validate a spec and build its adapter.
 ///
@@ -21,6 +22,7 @@ pub fn build(
     spec.validate()?;
     match spec.kind.as_str() {
         "jwt" => Ok(Arc::new(JwtDestination::new(spec, minter)?)),
+        "postgres" => Ok(Arc::new(PostgresDestination::new(spec)?)),
         other => Err(DestinationError::InvalidSettings {
             kind: other.chars().take(64).collect(),
             message: format!(

@@ -50,6 +50,8 @@ pub struct Snapshot {
     pub rules: Vec<TrustRule>,
     /// Destinations by name.
     pub destinations: HashMap<String, DestinationEntry>,
+    /// Deny entries (expired ones are kept until lifted but refuse nothing).
+    pub deny: Vec<crate::revoke::DenyEntry>,
 }
 
 /// Who is calling and which request this is, for audit and logs.
@@ -125,6 +127,10 @@ pub struct Runtime {
     pub max_delegation_depth: std::sync::atomic::AtomicUsize,
     /// Prometheus metrics (`GET /metrics`), shared with background tasks.
     pub metrics: Arc<Metrics>,
+    /// Revocation worker identity, settings and wake-ups.
+    pub revocations: crate::revoke::Revocations,
+    /// The claims this server last recorded per workload (for inventory).
+    pub seen: crate::inventory::SeenCache,
     snapshot: RwLock<Arc<Snapshot>>,
     reload_lock: tokio::sync::Mutex<()>,
 }
@@ -156,6 +162,8 @@ impl Runtime {
             fingerprinter,
             audit_sinks: RwLock::new(BTreeMap::new()),
             max_delegation_depth: std::sync::atomic::AtomicUsize::new(3),
+            revocations: crate::revoke::Revocations::default(),
+            seen: crate::inventory::SeenCache::default(),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             reload_lock: tokio::sync::Mutex::new(()),
         }
@@ -225,6 +233,14 @@ impl Runtime {
                 }
                 Err(e) => {
                     tracing::error!(destination = %obj.name, error = %e, "stored destination is invalid; skipped")
+                }
+            }
+        }
+        for obj in self.store.config_list(ConfigKind::DenyEntry).await? {
+            match serde_json::from_value::<crate::revoke::DenyEntry>(obj.spec) {
+                Ok(d) => snap.deny.push(d),
+                Err(e) => {
+                    tracing::error!(entry = %obj.name, error = %e, "stored deny entry is invalid; skipped")
                 }
             }
         }
@@ -349,7 +365,8 @@ impl Runtime {
         (!token.is_empty()).then(|| self.fingerprinter.fingerprint(token.expose()))
     }
 
-    fn event(&self, kind: &str, ctx: &RequestCtx) -> NewAuditEvent {
+    /// An audit event of `kind` for this request: time, request and trace IDs, operator.
+    pub(crate) fn event_for(&self, kind: &str, ctx: &RequestCtx) -> NewAuditEvent {
         NewAuditEvent {
             time_ms: self.clock.now_unix_millis(),
             kind: kind.into(),
@@ -391,6 +408,32 @@ impl Runtime {
             .map_err(|e| (e.into(), Some(issuer)))
     }
 
+    /// Verify a caller's own platform token presented as client authentication (the
+    /// introspection endpoint) and map it to a workload: the checks and trust rules of
+    /// [`Runtime::identify`], except that the token's `jti` is not consumed, because a
+    /// client presents the same token on every call
+    /// ([`Verifier::verify_reusable`](lanyard_trust::Verifier::verify_reusable)).
+    ///
+    /// # Errors
+    /// As [`Runtime::identify`] (`TOKEN_MALFORMED` for an empty token), never
+    /// `TOKEN_REPLAYED`.
+    pub async fn identify_client(&self, token: &Secret) -> Result<Workload, ApiError> {
+        if token.is_empty() {
+            return Err(ApiError::new(
+                ReasonCode::TokenMalformed,
+                "client authentication is required: present your own platform token",
+            ));
+        }
+        let verified = self.verifier.verify_reusable(token).await?;
+        let snap = self.snapshot();
+        let workload = match_trust_rules(&snap.rules, &verified, &self.trust_domain)?;
+        // A distrusted issuer or a denied workload authenticates nobody.
+        if let Some(e) = self.deny_check(workload.id.as_str(), &workload.issuer) {
+            return Err(e);
+        }
+        Ok(workload)
+    }
+
     /// Write a denial to the audit stream, then return the error. If the audit write
     /// fails, the caller gets `STORE_UNAVAILABLE` instead: no unaudited decision.
     async fn deny(&self, mut event: NewAuditEvent, err: ApiError) -> ApiError {
@@ -412,7 +455,7 @@ impl Runtime {
         input: ExchangeInput,
         ctx: &RequestCtx,
     ) -> Result<ExchangeOutput, ApiError> {
-        let mut ev = self.event(kinds::EXCHANGE_DENIED, ctx);
+        let mut ev = self.event_for(kinds::EXCHANGE_DENIED, ctx);
         ev.destination = Some(input.destination.clone()).filter(|d| !d.is_empty());
         ev.subject_fingerprint = self.fingerprint(&input.subject_token);
         ev.scopes.clone_from(&input.scopes);
@@ -435,6 +478,9 @@ impl Runtime {
         ev.workload_id = Some(workload.id.to_string());
         ev.issuer = Some(workload.issuer.clone());
         ev.task_id = workload.task.as_ref().map(|t| t.to_string());
+        if let Some(e) = self.deny_check(workload.id.as_str(), &workload.issuer) {
+            return Err(self.deny(ev, e).await);
+        }
         // The verified claims policy saw (never the token): what `policy dry-run`
         // replays a proposed policy against.
         ev.detail["claims"] = serde_json::Value::Object(workload.claims.clone());
@@ -594,6 +640,7 @@ impl Runtime {
         ev.detail["expires_at"] = json!(issued.expires_at);
         ev.detail["trust_rule"] = json!(workload.rule);
         self.committer.commit(Some(grant.clone()), ev).await?;
+        self.seen.note(&self.store, now, &workload);
         tracing::info!(
             request_id = %ctx.request_id,
             workload = %workload.id,
@@ -682,7 +729,7 @@ impl Runtime {
         token_type: &str,
         ctx: &RequestCtx,
     ) -> Result<(Workload, GrantRecord, NewAuditEvent), ApiError> {
-        let mut ev = self.event(denied_kind, ctx);
+        let mut ev = self.event_for(denied_kind, ctx);
         ev.grant_id = Some(truncate(grant_id));
         ev.subject_fingerprint = self.fingerprint(token);
         let workload = match self.identify(token, token_type).await {
@@ -720,6 +767,12 @@ impl Runtime {
             .prove_grant(kinds::GRANT_RENEW_DENIED, grant_id, token, token_type, ctx)
             .await?;
         let now = self.clock.now_unix();
+        if grant.status == GrantStatus::Revoked {
+            return Err(self.deny(ev, revoked_error()).await);
+        }
+        if let Some(e) = self.deny_check(workload.id.as_str(), &workload.issuer) {
+            return Err(self.deny(ev, e).await);
+        }
         if grant.status != GrantStatus::Active || grant.expires_at <= now {
             let e = ApiError::new(
                 ReasonCode::GrantNotActive,
@@ -847,6 +900,9 @@ impl Runtime {
             )
             .await?;
         let now = self.clock.now_unix();
+        if grant.status == GrantStatus::Revoked {
+            return Err(self.deny(ev, revoked_error()).await);
+        }
         if grant.status != GrantStatus::Active {
             let e = ApiError::new(
                 ReasonCode::GrantNotActive,
@@ -1079,6 +1135,13 @@ fn lost_race(e: lanyard_store::StoreError) -> ApiError {
         ),
         other => other.into(),
     }
+}
+
+fn revoked_error() -> ApiError {
+    ApiError::new(
+        ReasonCode::GrantRevoked,
+        "the grant was revoked by an operator; its credential no longer works",
+    )
 }
 
 fn effective_status(g: &GrantRecord, now: i64) -> &'static str {

@@ -354,6 +354,13 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         std::sync::atomic::Ordering::Relaxed,
     );
     tokio::spawn(crate::audit::head_metric(rt.clone(), shutdown_rx.clone()));
+    rt.revocations.set_settings(cfg.revocation.clone());
+    let revoke_worker = {
+        let mut rx = shutdown_rx.clone();
+        tokio::spawn(crate::revoke::run_worker(rt.clone(), async move {
+            let _ = rx.changed().await;
+        }))
+    };
     crate::audit::start_sinks(&rt, &cfg, &shutdown_rx)?;
     tokio::spawn(crate::audit::issuer_key_events(
         rt.clone(),
@@ -388,6 +395,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     })
     .await;
     bg.abort();
+    revoke_worker.abort();
     let _ = std::fs::remove_file(&cfg.admin_socket);
     // Export the spans of the last requests before the process ends.
     crate::telemetry::shutdown().await;

@@ -1,11 +1,9 @@
 //! The gRPC services: thin adapters from lanyard.v1 messages to [`Runtime`] flows.
 
 use lanyard_audit::kinds;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
 use lanyard_core::{GrantId, ReasonCode, Secret};
 use lanyard_proto::v1 as pb;
 use lanyard_proto::v1::admin_service_server::AdminService;
@@ -171,6 +169,40 @@ impl ExchangeService for ExchangeSvc {
             Err(e) => Err(fail(&ctx, e)),
         }
     }
+
+    async fn introspect(&self, req: Request<pb::IntrospectRequest>) -> Rpc<pb::IntrospectResponse> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = async {
+            if !matches!(
+                r.client_token_type.as_str(),
+                "" | crate::runtime::TOKEN_TYPE_JWT | crate::runtime::TOKEN_TYPE_ID_TOKEN
+            ) {
+                return Err(ApiError::invalid(
+                    "client_token_type must be a JWT token type (or empty)",
+                ));
+            }
+            let i = crate::introspect::introspect(&self.rt, &Secret::new(r.client_token), &r.token)
+                .await?;
+            Ok::<_, ApiError>(pb::IntrospectResponse {
+                active: i.active,
+                scope: i.scope.unwrap_or_default(),
+                client_id: i.client_id.unwrap_or_default(),
+                sub: i.sub.unwrap_or_default(),
+                aud: i.aud.unwrap_or_default(),
+                iss: i.iss.unwrap_or_default(),
+                exp: i.exp.unwrap_or_default(),
+                iat: i.iat.unwrap_or_default(),
+                nbf: i.nbf.unwrap_or_default(),
+                jti: i.jti.unwrap_or_default(),
+                token_type: i.token_type.unwrap_or_default(),
+                grant_id: i.grant_id.unwrap_or_default(),
+                destination: i.destination.unwrap_or_default(),
+            })
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
 }
 
 fn outcome_of<T>(result: &Result<T, ApiError>) -> Outcome {
@@ -292,6 +324,59 @@ impl AdminSvc {
     }
 }
 
+impl AdminSvc {
+    /// Write a revocation job and follow it.
+    async fn start_revocation(
+        &self,
+        ctx: &RequestCtx,
+        selector: lanyard_store::RevokeSelector,
+        reason: String,
+        deny: Option<Option<Duration>>,
+    ) -> Result<RevokeStream, ApiError> {
+        let (job, deny_entry) = self
+            .rt
+            .revoke_start(
+                crate::revoke::RevokeInput {
+                    selector,
+                    reason,
+                    deny,
+                },
+                ctx,
+            )
+            .await?;
+        let progress = self.rt.store.revocation_progress(&job.id).await?;
+        Ok(crate::revoke::follow(
+            self.rt.clone(),
+            convert::job_to_pb(&job, &progress, deny_entry),
+        ))
+    }
+
+    /// A job with its progress, or `NOT_FOUND`.
+    async fn job_pb(&self, id: &str) -> Result<pb::RevocationJob, ApiError> {
+        let job = self.rt.store.revocation_get(id).await?.ok_or_else(|| {
+            ApiError::new(
+                ReasonCode::NotFound,
+                format!("no revocation job {:?}", truncate(id)),
+            )
+        })?;
+        let progress = self.rt.store.revocation_progress(id).await?;
+        let snap = self.rt.snapshot();
+        Ok(convert::job_to_pb(
+            &job,
+            &progress,
+            deny_entry_of(&snap, id),
+        ))
+    }
+}
+
+/// The deny entry a job wrote, if it is still there.
+fn deny_entry_of(snap: &crate::runtime::Snapshot, job_id: &str) -> Option<String> {
+    snap.deny
+        .iter()
+        .find(|d| d.job_id == job_id)
+        .map(crate::revoke::DenyEntry::name)
+}
+
 fn valid_name(kind: &str, name: &str) -> Result<(), ApiError> {
     if lanyard_destination::valid_name(name) {
         Ok(())
@@ -303,7 +388,7 @@ fn valid_name(kind: &str, name: &str) -> Result<(), ApiError> {
     }
 }
 
-type RevokeStream = Pin<Box<dyn Stream<Item = Result<pb::RevokeEvent, Status>> + Send>>;
+use crate::revoke::RevokeStream;
 
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
@@ -583,13 +668,164 @@ impl AdminService for AdminSvc {
 
     async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Rpc<Self::RevokeStream> {
         let ctx = ctx_of(&req);
-        Err(fail(
-            &ctx,
-            ApiError::new(
-                ReasonCode::Unimplemented,
-                "Revoke (durable revoke-everywhere with receipts) is not served by this version; use Release per grant",
-            ),
-        ))
+        let r = req.into_inner();
+        let result = async {
+            let selector = convert::selector_from_pb(r.selector)?;
+            let deny =
+                (r.deny_seconds > 0).then(|| Some(Duration::from_secs(u64::from(r.deny_seconds))));
+            self.start_revocation(&ctx, selector, r.reason, deny).await
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    type WatchRevocationStream = RevokeStream;
+
+    async fn watch_revocation(
+        &self,
+        req: Request<pb::GetRequest>,
+    ) -> Rpc<Self::WatchRevocationStream> {
+        let ctx = ctx_of(&req);
+        let id = req.into_inner().name;
+        let result = async {
+            let job = self.job_pb(&id).await?;
+            Ok::<_, ApiError>(crate::revoke::follow(self.rt.clone(), job))
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn get_revocation(
+        &self,
+        req: Request<pb::GetRevocationRequest>,
+    ) -> Rpc<pb::GetRevocationResponse> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = async {
+            let job = self.job_pb(&r.job_id).await?;
+            let mut receipts = Vec::new();
+            if r.include_receipts {
+                let mut after = 0;
+                loop {
+                    let page = self
+                        .rt
+                        .store
+                        .revocation_receipts(&r.job_id, after, 1000)
+                        .await?;
+                    let n = page.len();
+                    for rec in page {
+                        after = rec.seq;
+                        receipts.push(convert::job_receipt_to_pb(&rec));
+                    }
+                    if n < 1000 {
+                        break;
+                    }
+                }
+            }
+            Ok::<_, ApiError>(pb::GetRevocationResponse {
+                job: Some(job),
+                receipts,
+            })
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn list_revocations(
+        &self,
+        req: Request<pb::ListRevocationsRequest>,
+    ) -> Rpc<pb::ListRevocationsResponse> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = async {
+            let page = self
+                .rt
+                .store
+                .revocation_list(&PageRequest {
+                    limit: r.page_size,
+                    cursor: (!r.page_token.is_empty()).then_some(r.page_token),
+                })
+                .await?;
+            let snap = self.rt.snapshot();
+            Ok::<_, ApiError>(pb::ListRevocationsResponse {
+                jobs: page
+                    .items
+                    .iter()
+                    .map(|j| convert::job_to_pb(j, &[], deny_entry_of(&snap, &j.id)))
+                    .collect(),
+                next_page_token: page.next_cursor.unwrap_or_default(),
+            })
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    type DistrustIssuerStream = RevokeStream;
+
+    async fn distrust_issuer(
+        &self,
+        req: Request<pb::DistrustIssuerRequest>,
+    ) -> Rpc<Self::DistrustIssuerStream> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = async {
+            if self
+                .rt
+                .store
+                .config_get(ConfigKind::Issuer, &r.name)
+                .await?
+                .is_none()
+            {
+                return Err(ApiError::new(
+                    ReasonCode::NotFound,
+                    format!("no issuer named {:?}", truncate(&r.name)),
+                ));
+            }
+            self.start_revocation(
+                &ctx,
+                lanyard_store::RevokeSelector::Issuer(r.name),
+                r.reason,
+                Some(None),
+            )
+            .await
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn list_deny_entries(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Rpc<pb::ListDenyEntriesResponse> {
+        let ctx = ctx_of(&req);
+        let result = async {
+            let mut entries = Vec::new();
+            for obj in self.rt.store.config_list(ConfigKind::DenyEntry).await? {
+                let d: crate::revoke::DenyEntry =
+                    serde_json::from_value(obj.spec).map_err(|e| ApiError::internal(&e))?;
+                entries.push(convert::deny_to_pb(&d));
+            }
+            Ok::<_, ApiError>(pb::ListDenyEntriesResponse { entries })
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    async fn lift_deny_entry(&self, req: Request<pb::DeleteRequest>) -> Rpc<pb::DeleteResponse> {
+        let ctx = ctx_of(&req);
+        let name = req.into_inner().name;
+        self.rt
+            .deny_lift(&name, &ctx)
+            .await
+            .map(|()| respond(&ctx, pb::DeleteResponse { name }))
+            .map_err(|e| fail(&ctx, e))
+    }
+
+    async fn inventory(&self, req: Request<pb::InventoryRequest>) -> Rpc<pb::InventoryResponse> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = crate::inventory::inventory(&self.rt, r).await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
     }
 
     async fn explain(&self, req: Request<pb::ExplainRequest>) -> Rpc<pb::ExplainResponse> {

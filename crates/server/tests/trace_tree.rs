@@ -64,6 +64,12 @@ impl ExchangeService for Probe {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         self.inner.release(req).await
     }
+    async fn introspect(
+        &self,
+        req: Request<pb::IntrospectRequest>,
+    ) -> Result<Response<pb::IntrospectResponse>, Status> {
+        self.inner.introspect(req).await
+    }
 }
 
 async fn put(store: &dyn Store, kind: ConfigKind, name: &str, spec: serde_json::Value) {

@@ -33,7 +33,8 @@ use lanyard_core::{GrantId, UnixTime};
 use lanyard_store::{
     AuditRecord, ConfigKind, ConfigObject, DestinationProgress, GrantFilter, GrantRecord,
     GrantStatus, NewAuditEvent, NewConfigObject, NewRevocationJob, Page, PageRequest, Result,
-    RevocationJob, RevocationReceiptRecord, RevocationStep, Store, StoreError, chain_hash,
+    RevocationJob, RevocationReceiptRecord, RevocationStep, Store, StoreError, WorkloadSeen,
+    chain_hash,
 };
 
 use crate::error::{connect_err, db, map_err, map_migrate};
@@ -713,6 +714,55 @@ impl Store for PgStore {
             row.try_get("seq").map_err(db)?,
             row.try_get("hash").map_err(db)?,
         ))
+    }
+
+    async fn workload_seen(&self, seen: &[WorkloadSeen]) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for w in seen {
+            sqlx::query(
+                "INSERT INTO workloads \
+                     (workload_id, issuer, trust_rule, claims, first_seen, last_seen) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (workload_id) DO UPDATE SET issuer = EXCLUDED.issuer, \
+                     trust_rule = EXCLUDED.trust_rule, claims = EXCLUDED.claims, \
+                     last_seen = EXCLUDED.last_seen",
+            )
+            .bind(&w.workload_id)
+            .bind(&w.issuer)
+            .bind(&w.trust_rule)
+            .bind(Json(&w.claims))
+            .bind(w.first_seen)
+            .bind(w.last_seen)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn workload_get(&self, workload_id: &str) -> Result<Option<WorkloadSeen>> {
+        let row = sqlx::query(
+            "SELECT workload_id, issuer, trust_rule, claims, first_seen, last_seen \
+             FROM workloads WHERE workload_id = $1",
+        )
+        .bind(workload_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else { return Ok(None) };
+        let claims: Json<serde_json::Value> = row.try_get("claims").map_err(db)?;
+        let claims = claims.0;
+        Ok(Some(WorkloadSeen {
+            workload_id: row.try_get("workload_id").map_err(db)?,
+            issuer: row.try_get("issuer").map_err(db)?,
+            trust_rule: row.try_get("trust_rule").map_err(db)?,
+            claims,
+            first_seen: row.try_get("first_seen").map_err(db)?,
+            last_seen: row.try_get("last_seen").map_err(db)?,
+        }))
     }
 
     async fn revocation_create(

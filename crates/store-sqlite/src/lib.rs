@@ -50,7 +50,8 @@ use lanyard_core::{GrantId, UnixTime};
 use lanyard_store::{
     AuditRecord, ConfigKind, ConfigObject, DestinationProgress, GrantFilter, GrantRecord,
     GrantStatus, NewAuditEvent, NewConfigObject, NewRevocationJob, Page, PageRequest, Result,
-    RevocationJob, RevocationReceiptRecord, RevocationStep, Store, StoreError, chain_hash,
+    RevocationJob, RevocationReceiptRecord, RevocationStep, Store, StoreError, WorkloadSeen,
+    chain_hash,
 };
 
 use crate::error::{corrupt, db, map_err, map_migrate};
@@ -796,6 +797,55 @@ impl Store for SqliteStore {
             row.try_get("seq").map_err(db)?,
             row.try_get("hash").map_err(db)?,
         ))
+    }
+
+    async fn workload_seen(&self, seen: &[WorkloadSeen]) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for w in seen {
+            sqlx::query(
+                "INSERT INTO workloads \
+                     (workload_id, issuer, trust_rule, claims, first_seen, last_seen) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (workload_id) DO UPDATE SET issuer = excluded.issuer, \
+                     trust_rule = excluded.trust_rule, claims = excluded.claims, \
+                     last_seen = excluded.last_seen",
+            )
+            .bind(&w.workload_id)
+            .bind(&w.issuer)
+            .bind(&w.trust_rule)
+            .bind(serde_json::to_string(&w.claims).map_err(|e| corrupt("workload claims", e))?)
+            .bind(w.first_seen)
+            .bind(w.last_seen)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn workload_get(&self, workload_id: &str) -> Result<Option<WorkloadSeen>> {
+        let row = sqlx::query(
+            "SELECT workload_id, issuer, trust_rule, claims, first_seen, last_seen \
+             FROM workloads WHERE workload_id = ?1",
+        )
+        .bind(workload_id)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else { return Ok(None) };
+        let text: String = row.try_get("claims").map_err(db)?;
+        let claims = serde_json::from_str(&text).map_err(|e| corrupt("workload claims", e))?;
+        Ok(Some(WorkloadSeen {
+            workload_id: row.try_get("workload_id").map_err(db)?,
+            issuer: row.try_get("issuer").map_err(db)?,
+            trust_rule: row.try_get("trust_rule").map_err(db)?,
+            claims,
+            first_seen: row.try_get("first_seen").map_err(db)?,
+            last_seen: row.try_get("last_seen").map_err(db)?,
+        }))
     }
 
     async fn revocation_create(

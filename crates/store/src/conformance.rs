@@ -23,7 +23,7 @@ use serde_json::json;
 use crate::{
     AuditRecord, ConfigKind, ConfigObject, GENESIS_HASH, GrantFilter, GrantRecord, GrantStatus,
     JobState, NewAuditEvent, NewConfigObject, NewRevocationJob, PageRequest, Result,
-    RevocationReceiptRecord, RevokeSelector, StepState, Store, StoreError,
+    RevocationReceiptRecord, RevokeSelector, StepState, Store, StoreError, WorkloadSeen,
 };
 
 /// "Now" for most checks: late enough that the fixed past times below are all before it.
@@ -53,6 +53,7 @@ pub async fn run_all(store: &dyn Store) {
     revocation_job_lifecycle(store).await;
     revocation_selectors(store).await;
     revocation_leases(store).await;
+    workloads_seen(store).await;
 }
 
 /// Run writers and readers concurrently (20 writer tasks, plus races on one config
@@ -1623,7 +1624,7 @@ async fn revocation_job_lifecycle(store: &dyn Store) {
                 "someone-else",
                 &new.id,
                 NOW * 1000 + 30_000,
-                &[r1.clone()],
+                std::slice::from_ref(&r1),
                 &[],
             )
             .await,
@@ -1708,7 +1709,13 @@ async fn revocation_job_lifecycle(store: &dyn Store) {
         None,
     );
     store
-        .revocation_record(&owner2, &new.id, retry_at + 30_000, &[r3.clone()], &[])
+        .revocation_record(
+            &owner2,
+            &new.id,
+            retry_at + 30_000,
+            std::slice::from_ref(&r3),
+            &[],
+        )
         .await
         .unwrap();
     let (head, _) = chain_tail(store).await;
@@ -1814,7 +1821,7 @@ async fn revocation_selectors(store: &dyn Store) {
     // The prefix must not match by LIKE rules or by case.
     let odd = workload(&t, "ns/c_d/w");
     let g_odd = grant(&odd, "other", "other", None);
-    insert(store, &[g_odd.clone()]).await;
+    insert(store, std::slice::from_ref(&g_odd)).await;
     for prefix in [
         workload(&t, "ns/c%"),
         workload(&t, "NS/c_d/"),
@@ -1905,4 +1912,44 @@ async fn revocation_leases(store: &dyn Store) {
         .revocation_record(&second, &j.id, now + 5_000, &[], &[])
         .await
         .unwrap();
+}
+
+/// The claims a workload last presented: inserted, then updated keeping `first_seen`.
+async fn workloads_seen(store: &dyn Store) {
+    let t = tag();
+    let id = workload(&t, "seen");
+    assert!(store.workload_get(&id).await.unwrap().is_none());
+    let first = WorkloadSeen {
+        workload_id: id.clone(),
+        issuer: "iss-a".into(),
+        trust_rule: "rule-a".into(),
+        claims: json!({"sub": "x", "repository": "org/one", "nested": {"k": [1, 2]}}),
+        first_seen: NOW - 100,
+        last_seen: NOW - 100,
+    };
+    store
+        .workload_seen(std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    assert_eq!(store.workload_get(&id).await.unwrap(), Some(first.clone()));
+    let later = WorkloadSeen {
+        issuer: "iss-b".into(),
+        trust_rule: "rule-b".into(),
+        claims: json!({"sub": "x", "repository": "org/two"}),
+        first_seen: NOW,
+        last_seen: NOW,
+        ..first.clone()
+    };
+    store
+        .workload_seen(std::slice::from_ref(&later))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.workload_get(&id).await.unwrap(),
+        Some(WorkloadSeen {
+            first_seen: first.first_seen,
+            ..later
+        })
+    );
+    store.workload_seen(&[]).await.unwrap();
 }

@@ -203,6 +203,20 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
     async fn audit_head(&self) -> Result<(i64, String)>;
 
+    // === workloads ===
+
+    /// Record the claims workloads presented (insert, or update all but `first_seen`).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn workload_seen(&self, seen: &[WorkloadSeen]) -> Result<()>;
+
+    /// What is recorded about one workload.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn workload_get(&self, workload_id: &str) -> Result<Option<WorkloadSeen>>;
+
     // === revocation ===
 
     /// Create a revocation job in one transaction: record the job, copy every grant the

@@ -468,3 +468,21 @@ impl DestinationProgress {
         self.pending + self.revoked + self.expires_at + self.failed
     }
 }
+
+/// The claims a workload presented, as last seen (without per-token claims such as
+/// `exp`, `iat` or `jti`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadSeen {
+    /// Canonical workload ID.
+    pub workload_id: String,
+    /// Name of the issuer that proved it.
+    pub issuer: String,
+    /// Name of the trust rule that mapped it.
+    pub trust_rule: String,
+    /// The verified claims (a JSON object).
+    pub claims: serde_json::Value,
+    /// First seen, seconds (ignored on update).
+    pub first_seen: UnixTime,
+    /// Last seen, seconds.
+    pub last_seen: UnixTime,
+}

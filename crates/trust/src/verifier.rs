@@ -224,6 +224,16 @@ struct KeySnapshot {
     expires_at: Option<UnixTime>,
 }
 
+/// Whether verifying a token consumes its `jti` (for issuers with replay protection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReplayCheck {
+    /// A subject token ([`Verifier::verify`]): the `jti` is required and single-use.
+    Enforce,
+    /// A credential presented on every request ([`Verifier::verify_reusable`]): the
+    /// `jti` is required and checked for shape, but neither looked up nor recorded.
+    Reusable,
+}
+
 enum Pick {
     Found(VerifyingKey),
     WrongType,
@@ -487,11 +497,35 @@ impl Verifier {
         Ok(self.status_of(&st))
     }
 
-    /// Verify a subject token.
+    /// Verify a subject token. With the issuer's replay protection on, its `jti` is
+    /// single-use ([`TrustError::TokenReplayed`] the second time).
     ///
     /// # Errors
     /// A [`TrustError`] whose [`TrustError::reason`] says why the token was refused.
     pub async fn verify(&self, token: &Secret) -> Result<VerifiedToken> {
+        self.verify_with(token, ReplayCheck::Enforce).await
+    }
+
+    /// Verify a token its holder presents on every request rather than once, such as
+    /// the platform token a resource server authenticates its introspection calls with.
+    /// Every check of [`Verifier::verify`] applies (signature, issuer, audience, expiry,
+    /// maximum age, and with replay protection a well-formed `jti`) except that the
+    /// `jti` is neither looked up in nor recorded by the replay guard: the token stays
+    /// usable until it expires, and using it here never burns it for an exchange.
+    ///
+    /// ## Why
+    /// Replay protection makes a stolen subject token worthless for minting credentials.
+    /// A client credential is reused by design; what it unlocks (introspecting tokens
+    /// the caller already holds) is bounded by its short lifetime and by the
+    /// destinations that list the caller.
+    ///
+    /// # Errors
+    /// As [`Verifier::verify`], never [`TrustError::TokenReplayed`].
+    pub async fn verify_reusable(&self, token: &Secret) -> Result<VerifiedToken> {
+        self.verify_with(token, ReplayCheck::Reusable).await
+    }
+
+    async fn verify_with(&self, token: &Secret, replay: ReplayCheck) -> Result<VerifiedToken> {
         // The issuer name is logged only once `iss` matched a configured issuer: an
         // unmatched `iss` is attacker text and stays out of the logs.
         let mut routed: Option<String> = None;
@@ -499,7 +533,7 @@ impl Verifier {
         // kept out of the log lines (the server's subscriber decides).
         let span = tracing::info_span!(target: "lanyard::trace", "token.verify", issuer = tracing::field::Empty);
         let result = self
-            .verify_inner(token, &mut routed)
+            .verify_inner(token, replay, &mut routed)
             .instrument(span.clone())
             .await;
         if let Some(issuer) = &routed {
@@ -522,6 +556,7 @@ impl Verifier {
     async fn verify_inner(
         &self,
         token: &Secret,
+        replay: ReplayCheck,
         routed: &mut Option<String>,
     ) -> Result<VerifiedToken> {
         let table = self.table();
@@ -618,7 +653,7 @@ impl Verifier {
             Ok(false) | Err(_) => return Err(TrustError::SignatureInvalid),
         }
 
-        self.check_claims(cfg, payload, alg, kid).await
+        self.check_claims(cfg, payload, alg, kid, replay).await
     }
 
     /// Find the key for `kid`/`alg`, fetching or refetching as the cache requires.
@@ -832,6 +867,7 @@ impl Verifier {
         claims: Map<String, Value>,
         alg: Algorithm,
         kid: Option<String>,
+        replay: ReplayCheck,
     ) -> Result<VerifiedToken> {
         let now = self.inner.clock.now_unix();
         let leeway = i64::from(cfg.leeway_secs);
@@ -900,12 +936,15 @@ impl Verifier {
                 return Err(TrustError::claim_invalid("jti", "must be 1-256 bytes"));
             }
             // Keyed by `iss`, the namespace in which the issuer keeps `jti` unique.
-            let first = self
-                .inner
-                .replay
-                .check_and_record(&cfg.issuer_url, jti, exp.saturating_add(leeway))
-                .await
-                .map_err(TrustError::ReplayCheck)?;
+            let first = match replay {
+                ReplayCheck::Enforce => self
+                    .inner
+                    .replay
+                    .check_and_record(&cfg.issuer_url, jti, exp.saturating_add(leeway))
+                    .await
+                    .map_err(TrustError::ReplayCheck)?,
+                ReplayCheck::Reusable => true,
+            };
             if !first {
                 tracing::info!(issuer = %cfg.name, "replayed jti refused");
                 return Err(TrustError::TokenReplayed);

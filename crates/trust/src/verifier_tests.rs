@@ -645,6 +645,34 @@ async fn replay_protection_is_single_use_and_fails_closed() {
 }
 
 #[tokio::test]
+async fn reusable_verification_neither_checks_nor_burns_the_jti() {
+    let Fixture { v, ec, clock, .. } = fixture();
+    let t = Secret::new(ec.token(&with(STRICT, |c| c["jti"] = json!("client-1"))));
+    // A client credential verifies again and again...
+    for _ in 0..3 {
+        v.verify_reusable(&t).await.unwrap();
+    }
+    // ...and was not burnt for a subject-token use, which stays single-use.
+    v.verify(&t).await.unwrap();
+    assert_eq!(
+        v.verify(&t).await.unwrap_err().reason(),
+        ReasonCode::TokenReplayed
+    );
+    v.verify_reusable(&t).await.unwrap();
+    // Every other check still applies: jti required, expiry.
+    let no_jti = Secret::new(ec.token(&remove(claims(STRICT), "jti")));
+    assert_eq!(
+        v.verify_reusable(&no_jti).await.unwrap_err().reason(),
+        ReasonCode::ClaimMissing
+    );
+    clock.advance(3600);
+    assert_eq!(
+        v.verify_reusable(&t).await.unwrap_err().reason(),
+        ReasonCode::TokenExpired
+    );
+}
+
+#[tokio::test]
 async fn replay_guard_errors_fail_closed() {
     let ec = TestKey::new(Algorithm::ES256, "ec");
     let clock = FakeClock::at(NOW);

@@ -212,3 +212,80 @@ pub async fn payloads_of(l: &Lanyard, kind: &str) -> Vec<serde_json::Value> {
         .map(|e| serde_json::from_str(&e.payload_json).unwrap())
         .collect()
 }
+
+/// Run the `lanyard` CLI against `l`'s admin socket; returns (success, stdout, stderr).
+pub async fn admin_cli(l: &Lanyard, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(lanyard_testkit::process::binary())
+        .arg("--admin-socket")
+        .arg(&l.admin_socket)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// [`admin_cli`] with `--output json`, which must succeed; the parsed document.
+pub async fn admin_cli_json(l: &Lanyard, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    let (ok, stdout, stderr) = admin_cli(l, &all).await;
+    assert!(ok, "lanyard {args:?} failed:\n{stdout}\n{stderr}");
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("lanyard {args:?} printed no JSON ({e}):\n{stdout}"))
+}
+
+/// A JSON object as a protobuf `Struct` (for destination settings).
+pub fn json_struct(v: serde_json::Value) -> prost_types::Struct {
+    fn value(v: serde_json::Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match v {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
+            serde_json::Value::String(s) => Kind::StringValue(s),
+            serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+                values: a.into_iter().map(value).collect(),
+            }),
+            serde_json::Value::Object(_) => Kind::StructValue(json_struct(v)),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+    match v {
+        serde_json::Value::Object(m) => prost_types::Struct {
+            fields: m.into_iter().map(|(k, v)| (k, value(v))).collect(),
+        },
+        other => panic!("not an object: {other}"),
+    }
+}
+
+/// Verify a signed revocation receipt with lanyard's JWKS; its claims.
+pub async fn verify_receipt(l: &Lanyard, jws: &str) -> serde_json::Value {
+    let jwks: jsonwebtoken::jwk::JwkSet = reqwest::get(format!("{}/.well-known/jwks.json", l.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let header = jsonwebtoken::decode_header(jws).unwrap();
+    assert_eq!(
+        header.typ.as_deref(),
+        Some("lanyard-revocation-receipt+jwt")
+    );
+    let jwk = jwks
+        .find(header.kid.as_deref().unwrap())
+        .expect("kid in JWKS");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut v = jsonwebtoken::Validation::new(header.alg);
+    v.validate_exp = false;
+    v.validate_aud = false;
+    v.required_spec_claims.clear();
+    jsonwebtoken::decode::<serde_json::Value>(jws, &key, &v)
+        .unwrap()
+        .claims
+}

@@ -164,17 +164,21 @@ pub struct ReleaseResponse {
     #[prost(message, optional, tag = "3")]
     pub receipt: ::core::option::Option<RevocationReceipt>,
 }
-/// What a destination did when a grant was revoked.
+/// What a destination did when grants were revoked. A Release answers with the receipt
+/// of its one grant; a revocation job writes one receipt per destination per batch of
+/// grants with the same outcome.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RevocationReceipt {
+    /// The grant, when the receipt covers exactly one.
     #[prost(string, tag = "1")]
     pub grant_id: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub destination: ::prost::alloc::string::String,
-    /// "revoked", "expires_at" or "failed".
+    /// "revoked" (the destination confirmed), "expires_at" (it cannot revoke early; see
+    /// expires_at) or "failed" (see detail; retried at retry_at).
     #[prost(string, tag = "3")]
     pub outcome: ::prost::alloc::string::String,
-    /// For "expires_at": when the credential stops working by itself.
+    /// For "expires_at": when the last of the credentials stops working by itself.
     #[prost(message, optional, tag = "4")]
     pub expires_at: ::core::option::Option<::prost_types::Timestamp>,
     /// Human-readable detail (how it was revoked, or the error).
@@ -183,9 +187,69 @@ pub struct RevocationReceipt {
     /// When the receipt was made.
     #[prost(message, optional, tag = "6")]
     pub at: ::core::option::Option<::prost_types::Timestamp>,
-    /// lanyard's signature over the receipt (a compact JWS), for auditors.
+    /// lanyard's signature over the receipt: a compact JWS (typ
+    /// "lanyard-revocation-receipt+jwt") whose claims restate the receipt, verifiable with
+    /// lanyard's JWKS. Empty for a Release receipt.
     #[prost(string, tag = "7")]
     pub signature: ::prost::alloc::string::String,
+    /// The revocation job, for job receipts.
+    #[prost(string, tag = "8")]
+    pub job_id: ::prost::alloc::string::String,
+    /// 1, 2, ... within the job.
+    #[prost(uint32, tag = "9")]
+    pub seq: u32,
+    /// The grants the receipt covers (job receipts).
+    #[prost(string, repeated, tag = "10")]
+    pub grant_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// For "failed": when the grants are tried again.
+    #[prost(message, optional, tag = "11")]
+    pub retry_at: ::core::option::Option<::prost_types::Timestamp>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct IntrospectRequest {
+    /// The lanyard-issued token to check. Never logged.
+    #[prost(string, tag = "1")]
+    pub token: ::prost::alloc::string::String,
+    /// The caller's own platform token (as a subject token is proved): who is asking.
+    #[prost(string, tag = "2")]
+    pub client_token: ::prost::alloc::string::String,
+    /// Its type URN; empty means JWT.
+    #[prost(string, tag = "3")]
+    pub client_token_type: ::prost::alloc::string::String,
+}
+/// RFC 7662 section 2.2. When active is false no other field is set.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct IntrospectResponse {
+    #[prost(bool, tag = "1")]
+    pub active: bool,
+    /// Space-separated scopes.
+    #[prost(string, tag = "2")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub client_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub sub: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub aud: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub iss: ::prost::alloc::string::String,
+    #[prost(int64, tag = "7")]
+    pub exp: i64,
+    #[prost(int64, tag = "8")]
+    pub iat: i64,
+    #[prost(int64, tag = "9")]
+    pub nbf: i64,
+    #[prost(string, tag = "10")]
+    pub jti: ::prost::alloc::string::String,
+    /// "Bearer".
+    #[prost(string, tag = "11")]
+    pub token_type: ::prost::alloc::string::String,
+    /// lanyard's grant and destination for the token.
+    #[prost(string, tag = "12")]
+    pub grant_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "13")]
+    pub destination: ::prost::alloc::string::String,
 }
 /// How a credential can be revoked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -397,6 +461,35 @@ pub mod exchange_service_client {
                 .insert(GrpcMethod::new("lanyard.v1.ExchangeService", "Release"));
             self.inner.unary(req, path, codec).await
         }
+        /// RFC 7662 introspection of a lanyard-issued token, for APIs that take lanyard's
+        /// tokens and want revocations to bite at once. The caller authenticates with its own
+        /// platform token and must be listed in the destination's introspection_clients;
+        /// otherwise, and for any token that is not active, the answer is only active=false.
+        /// The same check is served over HTTP at POST /oauth2/introspect.
+        pub async fn introspect(
+            &mut self,
+            request: impl tonic::IntoRequest<super::IntrospectRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::IntrospectResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.ExchangeService/Introspect",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.ExchangeService", "Introspect"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -435,6 +528,18 @@ pub mod exchange_service_server {
             &self,
             request: tonic::Request<super::ReleaseRequest>,
         ) -> std::result::Result<tonic::Response<super::ReleaseResponse>, tonic::Status>;
+        /// RFC 7662 introspection of a lanyard-issued token, for APIs that take lanyard's
+        /// tokens and want revocations to bite at once. The caller authenticates with its own
+        /// platform token and must be listed in the destination's introspection_clients;
+        /// otherwise, and for any token that is not active, the answer is only active=false.
+        /// The same check is served over HTTP at POST /oauth2/introspect.
+        async fn introspect(
+            &self,
+            request: tonic::Request<super::IntrospectRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::IntrospectResponse>,
+            tonic::Status,
+        >;
     }
     /// ExchangeService is the only service on the workload listener. Workloads authenticate
     /// with their subject token alone; there is no other secret.
@@ -637,6 +742,51 @@ pub mod exchange_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReleaseSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.ExchangeService/Introspect" => {
+                    #[allow(non_camel_case_types)]
+                    struct IntrospectSvc<T: ExchangeService>(pub Arc<T>);
+                    impl<
+                        T: ExchangeService,
+                    > tonic::server::UnaryService<super::IntrospectRequest>
+                    for IntrospectSvc<T> {
+                        type Response = super::IntrospectResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::IntrospectRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExchangeService>::introspect(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = IntrospectSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
@@ -869,8 +1019,9 @@ pub struct Destination {
     /// Name workloads ask for, \[a-z0-9-\]{1,63}.
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
-    /// Adapter kind: "jwt" (lanyard-minted JWT for an internal API); later "claude",
-    /// "openai", "aws-sts", "gcp-sts", "azure", "oauth2", "postgres".
+    /// Adapter kind: "jwt" (lanyard-minted JWT for an internal API) or "postgres"
+    /// (dynamic database login roles; see docs/destinations/postgres.md); later "claude",
+    /// "openai", "aws-sts", "gcp-sts", "azure", "oauth2".
     #[prost(string, tag = "2")]
     pub kind: ::prost::alloc::string::String,
     /// TTL when the request names none, seconds (default 900).
@@ -903,6 +1054,11 @@ pub struct Destination {
     /// Events the required sink may lag behind the head (0 = fully caught up).
     #[prost(uint32, tag = "10")]
     pub max_audit_lag: u32,
+    /// Workloads allowed to introspect this destination's lanyard-issued tokens (RFC 7662,
+    /// POST /oauth2/introspect or ExchangeService.Introspect): SPIFFE IDs, or a prefix
+    /// ending in "/\*". Anyone else is told only active=false.
+    #[prost(string, repeated, tag = "11")]
+    pub introspection_clients: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PutDestinationRequest {
@@ -1009,28 +1165,35 @@ pub mod revoke_selector {
 pub struct RevokeRequest {
     #[prost(message, optional, tag = "1")]
     pub selector: ::core::option::Option<RevokeSelector>,
-    /// Why; recorded in the audit stream and the receipts.
+    /// Why; required. Recorded in the audit stream and the receipts.
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
+    /// Also refuse new exchanges of the selected workload, workload prefix or issuer for
+    /// this long (a deny entry; 0 = none). Only for those three selectors.
+    #[prost(uint32, tag = "3")]
+    pub deny_seconds: u32,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RevokeEvent {
-    #[prost(oneof = "revoke_event::Event", tags = "1, 2")]
+    #[prost(oneof = "revoke_event::Event", tags = "1, 2, 3")]
     pub event: ::core::option::Option<revoke_event::Event>,
 }
 /// Nested message and enum types in `RevokeEvent`.
 pub mod revoke_event {
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Event {
-        /// One grant handled at its destination.
+        /// Grants handled at one destination.
         #[prost(message, tag = "1")]
         Receipt(super::RevocationReceipt),
-        /// The end of the job.
+        /// Every grant has been attempted once (failed ones keep being retried).
         #[prost(message, tag = "2")]
         Summary(super::RevokeSummary),
+        /// The job as stored, before any destination is called.
+        #[prost(message, tag = "3")]
+        Job(super::RevocationJob),
     }
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RevokeSummary {
     #[prost(string, tag = "1")]
     pub job_id: ::prost::alloc::string::String,
@@ -1042,6 +1205,193 @@ pub struct RevokeSummary {
     pub expires_at: u32,
     #[prost(uint32, tag = "5")]
     pub failed: u32,
+    /// Per destination.
+    #[prost(message, repeated, tag = "6")]
+    pub destinations: ::prost::alloc::vec::Vec<RevocationDestination>,
+    /// "running" while failed steps are being retried, else "done".
+    #[prost(string, tag = "7")]
+    pub state: ::prost::alloc::string::String,
+}
+/// A revocation job.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RevocationJob {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub selector: ::core::option::Option<RevokeSelector>,
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    /// Who asked ("uid:<n>" of the admin-socket peer).
+    #[prost(string, tag = "4")]
+    pub requested_by: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "5")]
+    pub created_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// Grants matched (active and unexpired when the job was created).
+    #[prost(uint32, tag = "6")]
+    pub matched: u32,
+    /// "running" or "done".
+    #[prost(string, tag = "7")]
+    pub state: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "8")]
+    pub finished_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// Per destination.
+    #[prost(message, repeated, tag = "9")]
+    pub destinations: ::prost::alloc::vec::Vec<RevocationDestination>,
+    /// Receipts written so far.
+    #[prost(uint32, tag = "10")]
+    pub receipts: u32,
+    /// The deny entry written with the job, if any (e.g. "workload:spiffe://...").
+    #[prost(string, tag = "11")]
+    pub deny_entry: ::prost::alloc::string::String,
+}
+/// Step counts of one destination in a job.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevocationDestination {
+    #[prost(string, tag = "1")]
+    pub destination: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub pending: u32,
+    #[prost(uint32, tag = "3")]
+    pub revoked: u32,
+    #[prost(uint32, tag = "4")]
+    pub expires_at: u32,
+    #[prost(uint32, tag = "5")]
+    pub failed: u32,
+    /// Latest expiry among the expires_at grants: the residual lifetime ends here.
+    #[prost(message, optional, tag = "6")]
+    pub latest_expiry: ::core::option::Option<::prost_types::Timestamp>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetRevocationRequest {
+    #[prost(string, tag = "1")]
+    pub job_id: ::prost::alloc::string::String,
+    /// Include every receipt (signed) in the response.
+    #[prost(bool, tag = "2")]
+    pub include_receipts: bool,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GetRevocationResponse {
+    #[prost(message, optional, tag = "1")]
+    pub job: ::core::option::Option<RevocationJob>,
+    #[prost(message, repeated, tag = "2")]
+    pub receipts: ::prost::alloc::vec::Vec<RevocationReceipt>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListRevocationsRequest {
+    /// 1..1000; 0 = 100.
+    #[prost(uint32, tag = "1")]
+    pub page_size: u32,
+    #[prost(string, tag = "2")]
+    pub page_token: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListRevocationsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub jobs: ::prost::alloc::vec::Vec<RevocationJob>,
+    #[prost(string, tag = "2")]
+    pub next_page_token: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DistrustIssuerRequest {
+    /// The issuer's name.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Why; required.
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
+/// New exchanges matching it are refused until it expires.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DenyEntry {
+    /// "workload:<id>", "workload_prefix:<prefix>" or "issuer:<name>".
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// "workload", "workload_prefix" or "issuer".
+    #[prost(string, tag = "2")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub value: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+    /// The revocation job that wrote it.
+    #[prost(string, tag = "5")]
+    pub job_id: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "6")]
+    pub created_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// Unset: until lifted.
+    #[prost(message, optional, tag = "7")]
+    pub expires_at: ::core::option::Option<::prost_types::Timestamp>,
+    #[prost(string, tag = "8")]
+    pub created_by: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListDenyEntriesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub entries: ::prost::alloc::vec::Vec<DenyEntry>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct InventoryRequest {
+    /// The workload (exact ID). Required.
+    #[prost(string, tag = "1")]
+    pub workload_id: ::prost::alloc::string::String,
+    /// Optional filters on the grants listed.
+    #[prost(string, tag = "2")]
+    pub issuer: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub destination: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub task_id: ::prost::alloc::string::String,
+    /// Grants page: 1..1000; 0 = 100.
+    #[prost(uint32, tag = "5")]
+    pub page_size: u32,
+    #[prost(string, tag = "6")]
+    pub page_token: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct InventoryResponse {
+    #[prost(string, tag = "1")]
+    pub workload_id: ::prost::alloc::string::String,
+    /// Every destination, with what policy would allow this workload there now, evaluated
+    /// with the claims it presented at its last exchange (see claims_seen_at).
+    #[prost(message, repeated, tag = "2")]
+    pub destinations: ::prost::alloc::vec::Vec<ReachableDestination>,
+    /// Active grants (unexpired), newest first, one page.
+    #[prost(message, repeated, tag = "3")]
+    pub grants: ::prost::alloc::vec::Vec<Grant>,
+    #[prost(string, tag = "4")]
+    pub next_page_token: ::prost::alloc::string::String,
+    /// When the workload last exchanged, i.e. when the claims policy was evaluated with
+    /// were presented. Unset when none are on record: then policy saw only the workload ID
+    /// and permits that depend on claims show as not allowed.
+    #[prost(message, optional, tag = "5")]
+    pub claims_seen_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// Active deny entries that refuse this workload's new exchanges.
+    #[prost(message, repeated, tag = "6")]
+    pub denied_by: ::prost::alloc::vec::Vec<DenyEntry>,
+    /// The issuer the workload last proved itself with.
+    #[prost(string, tag = "7")]
+    pub issuer: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReachableDestination {
+    #[prost(string, tag = "1")]
+    pub destination: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub kind: ::prost::alloc::string::String,
+    /// Whether policy would allow an exchange (with the scopes below).
+    #[prost(bool, tag = "3")]
+    pub allowed: bool,
+    /// The destination's scopes that policy allows.
+    #[prost(string, repeated, tag = "4")]
+    pub scopes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// When a permit caps it: the longest TTL allowed, seconds.
+    #[prost(uint32, tag = "5")]
+    pub max_ttl_seconds: u32,
+    /// Policy version and determining policies.
+    #[prost(string, tag = "6")]
+    pub policy_version: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "7")]
+    pub determining_policies: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 #[prost(skip_debug)]
@@ -1613,8 +1963,12 @@ pub mod admin_service_client {
                 .insert(GrpcMethod::new("lanyard.v1.AdminService", "GetGrant"));
             self.inner.unary(req, path, codec).await
         }
-        /// Revoke every active grant matching a selector, at every destination. Streams a
-        /// receipt per grant as the work proceeds, then a summary.
+        /// Revoke every active grant matching a selector, at every destination. The job and
+        /// its per-grant steps are stored before anything is sent, and the matched grants stop
+        /// being active at once (Renew, Release and introspection refuse them). Streams the
+        /// job first, then a signed receipt per destination per batch as the work proceeds,
+        /// then a summary once every grant has been attempted. Failed steps keep being retried
+        /// after the stream ends; GetRevocation reports them.
         pub async fn revoke(
             &mut self,
             request: impl tonic::IntoRequest<super::RevokeRequest>,
@@ -1638,6 +1992,180 @@ pub mod admin_service_client {
             req.extensions_mut()
                 .insert(GrpcMethod::new("lanyard.v1.AdminService", "Revoke"));
             self.inner.server_streaming(req, path, codec).await
+        }
+        /// Follow a revocation job from its first receipt: the same stream as Revoke.
+        pub async fn watch_revocation(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::RevokeEvent>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/WatchRevocation",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AdminService", "WatchRevocation"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// One revocation job with its per-destination progress and, optionally, its receipts.
+        pub async fn get_revocation(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetRevocationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetRevocationResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/GetRevocation",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AdminService", "GetRevocation"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Revocation jobs, newest first.
+        pub async fn list_revocations(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRevocationsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/ListRevocations",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AdminService", "ListRevocations"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// The kill switch for an issuer: refuse its tokens from now on (a deny entry without
+        /// expiry) and revoke every grant derived from it, with receipts.
+        pub async fn distrust_issuer(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DistrustIssuerRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::RevokeEvent>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/DistrustIssuer",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AdminService", "DistrustIssuer"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// Deny entries in force (workloads, workload prefixes and issuers whose new exchanges
+        /// are refused).
+        pub async fn list_deny_entries(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListDenyEntriesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/ListDenyEntries",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AdminService", "ListDenyEntries"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Lift a deny entry (name as listed, e.g. "workload:spiffe://..." or "issuer:ci").
+        pub async fn lift_deny_entry(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeleteRequest>,
+        ) -> std::result::Result<tonic::Response<super::DeleteResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/LiftDenyEntry",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AdminService", "LiftDenyEntry"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// What a workload can reach by policy and which grants it holds now.
+        pub async fn inventory(
+            &mut self,
+            request: impl tonic::IntoRequest<super::InventoryRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::InventoryResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/Inventory",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AdminService", "Inventory"));
+            self.inner.unary(req, path, codec).await
         }
         /// Verify a token, derive the workload, and show the policy decision for a request,
         /// without issuing anything.
@@ -1932,12 +2460,83 @@ pub mod admin_service_server {
             >
             + std::marker::Send
             + 'static;
-        /// Revoke every active grant matching a selector, at every destination. Streams a
-        /// receipt per grant as the work proceeds, then a summary.
+        /// Revoke every active grant matching a selector, at every destination. The job and
+        /// its per-grant steps are stored before anything is sent, and the matched grants stop
+        /// being active at once (Renew, Release and introspection refuse them). Streams the
+        /// job first, then a signed receipt per destination per batch as the work proceeds,
+        /// then a summary once every grant has been attempted. Failed steps keep being retried
+        /// after the stream ends; GetRevocation reports them.
         async fn revoke(
             &self,
             request: tonic::Request<super::RevokeRequest>,
         ) -> std::result::Result<tonic::Response<Self::RevokeStream>, tonic::Status>;
+        /// Server streaming response type for the WatchRevocation method.
+        type WatchRevocationStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::RevokeEvent, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Follow a revocation job from its first receipt: the same stream as Revoke.
+        async fn watch_revocation(
+            &self,
+            request: tonic::Request<super::GetRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::WatchRevocationStream>,
+            tonic::Status,
+        >;
+        /// One revocation job with its per-destination progress and, optionally, its receipts.
+        async fn get_revocation(
+            &self,
+            request: tonic::Request<super::GetRevocationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetRevocationResponse>,
+            tonic::Status,
+        >;
+        /// Revocation jobs, newest first.
+        async fn list_revocations(
+            &self,
+            request: tonic::Request<super::ListRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRevocationsResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the DistrustIssuer method.
+        type DistrustIssuerStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::RevokeEvent, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// The kill switch for an issuer: refuse its tokens from now on (a deny entry without
+        /// expiry) and revoke every grant derived from it, with receipts.
+        async fn distrust_issuer(
+            &self,
+            request: tonic::Request<super::DistrustIssuerRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::DistrustIssuerStream>,
+            tonic::Status,
+        >;
+        /// Deny entries in force (workloads, workload prefixes and issuers whose new exchanges
+        /// are refused).
+        async fn list_deny_entries(
+            &self,
+            request: tonic::Request<super::ListRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListDenyEntriesResponse>,
+            tonic::Status,
+        >;
+        /// Lift a deny entry (name as listed, e.g. "workload:spiffe://..." or "issuer:ci").
+        async fn lift_deny_entry(
+            &self,
+            request: tonic::Request<super::DeleteRequest>,
+        ) -> std::result::Result<tonic::Response<super::DeleteResponse>, tonic::Status>;
+        /// What a workload can reach by policy and which grants it holds now.
+        async fn inventory(
+            &self,
+            request: tonic::Request<super::InventoryRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::InventoryResponse>,
+            tonic::Status,
+        >;
         /// Verify a token, derive the workload, and show the policy decision for a request,
         /// without issuing anything.
         async fn explain(
@@ -2689,6 +3288,322 @@ pub mod admin_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/WatchRevocation" => {
+                    #[allow(non_camel_case_types)]
+                    struct WatchRevocationSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::ServerStreamingService<super::GetRequest>
+                    for WatchRevocationSvc<T> {
+                        type Response = super::RevokeEvent;
+                        type ResponseStream = T::WatchRevocationStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::watch_revocation(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WatchRevocationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/GetRevocation" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetRevocationSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<super::GetRevocationRequest>
+                    for GetRevocationSvc<T> {
+                        type Response = super::GetRevocationResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetRevocationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::get_revocation(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetRevocationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/ListRevocations" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListRevocationsSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<super::ListRevocationsRequest>
+                    for ListRevocationsSvc<T> {
+                        type Response = super::ListRevocationsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListRevocationsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::list_revocations(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListRevocationsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/DistrustIssuer" => {
+                    #[allow(non_camel_case_types)]
+                    struct DistrustIssuerSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::ServerStreamingService<super::DistrustIssuerRequest>
+                    for DistrustIssuerSvc<T> {
+                        type Response = super::RevokeEvent;
+                        type ResponseStream = T::DistrustIssuerStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DistrustIssuerRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::distrust_issuer(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DistrustIssuerSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/ListDenyEntries" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListDenyEntriesSvc<T: AdminService>(pub Arc<T>);
+                    impl<T: AdminService> tonic::server::UnaryService<super::ListRequest>
+                    for ListDenyEntriesSvc<T> {
+                        type Response = super::ListDenyEntriesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::list_deny_entries(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListDenyEntriesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/LiftDenyEntry" => {
+                    #[allow(non_camel_case_types)]
+                    struct LiftDenyEntrySvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<super::DeleteRequest>
+                    for LiftDenyEntrySvc<T> {
+                        type Response = super::DeleteResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeleteRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::lift_deny_entry(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = LiftDenyEntrySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/Inventory" => {
+                    #[allow(non_camel_case_types)]
+                    struct InventorySvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<super::InventoryRequest>
+                    for InventorySvc<T> {
+                        type Response = super::InventoryResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::InventoryRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::inventory(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = InventorySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
