@@ -32,12 +32,10 @@ CREATE TABLE revocation_steps (
     next_attempt_at    INTEGER NOT NULL DEFAULT 0,
     detail             TEXT    NOT NULL DEFAULT '',
     receipt_seq        INTEGER,
-    PRIMARY KEY (job_id, grant_id)
-);
--- The work still to do, per job and destination. Queries spell the state list as
--- literals so the planner uses it.
-CREATE INDEX revocation_steps_todo ON revocation_steps (job_id, destination, grant_id)
-    WHERE state IN ('pending', 'failed');
+    PRIMARY KEY (job_id, destination, grant_id)
+) WITHOUT ROWID;
+-- One b-tree: a job's steps per destination in grant order, which is how workers page
+-- through them and how receipts update them.
 
 CREATE TABLE revocation_receipts (
     job_id       TEXT    NOT NULL,

@@ -668,6 +668,11 @@ pub struct BenchArgs {
     /// genesis, as `lanyard audit verify` does.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub audit_chain: Option<u64>,
+    /// Instead of the exchange path: seed N active grants of one workload into a fresh
+    /// embedded store, start a dev server on it, and time one `lanyard revoke` of the
+    /// workload to its last receipt (with the server's CPU time and peak memory).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000), conflicts_with = "audit_chain")]
+    pub revoke: Option<u64>,
 }
 
 /// Parse `KEY=VALUE` (split at the first `=`; the key must not be empty).

@@ -22,6 +22,8 @@
 //! deployment test. Its CPU is measured and reported next to the server's so a reader
 //! can see how much of the machine the client took.
 
+mod revoke;
+
 use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -67,6 +69,9 @@ const FLOOR_ISSUER_URL: &str = "http://127.0.0.1/bench-floor";
 /// failed (the results are printed first).
 pub async fn bench(g: &GlobalArgs, a: &BenchArgs) -> anyhow::Result<()> {
     install_crypto_provider();
+    if let Some(n) = a.revoke {
+        return revoke::run(g, n).await;
+    }
     if let Some(n) = a.audit_chain {
         return audit_chain(g, n).await;
     }

@@ -49,7 +49,7 @@ use crate::runtime::{RequestCtx, Runtime, truncate};
 /// JOSE `typ` of a signed revocation receipt.
 pub const RECEIPT_TYP: &str = "lanyard-revocation-receipt+jwt";
 /// Steps read per page.
-pub const PAGE: u32 = 2000;
+pub const PAGE: u32 = 5000;
 /// Concurrent adapter calls per destination.
 pub const PER_DESTINATION_CONCURRENCY: usize = 16;
 /// The longest one adapter revoke call may take.
@@ -257,7 +257,7 @@ impl Runtime {
         let now = self.clock.now_unix();
         let now_ms = self.clock.now_unix_millis();
         let id = format!("rvk_{}", uuid::Uuid::now_v7().simple());
-        let requested_by = ctx.operator.clone().unwrap_or_else(|| "unknown".into());
+        let requested_by = ctx.operator.clone().unwrap_or_else(|| "lanyard".into());
         let deny = match input.deny {
             None => None,
             Some(_)
@@ -387,6 +387,69 @@ impl Runtime {
     }
 }
 
+/// How long after a deny entry is written the sweep for stragglers runs: every replica
+/// reloads its configuration (and so its deny entries) at least this often, twice over.
+pub const SWEEP_DELAY: Duration = Duration::from_secs(5);
+
+/// After [`SWEEP_DELAY`], revoke grants matching `job`'s selector that replicas issued
+/// before they saw its deny entry (a new job, only if there are any). Best effort: a
+/// restart in between skips it, and the log says so at startup of the job.
+pub fn schedule_sweep(rt: Arc<Runtime>, job: RevocationJob, deny_entry: String) {
+    tokio::spawn(async move {
+        tokio::time::sleep(SWEEP_DELAY).await;
+        let still = rt
+            .snapshot()
+            .deny
+            .iter()
+            .any(|d| d.job_id == job.id && d.active(rt.clock.now_unix()));
+        if !still {
+            return;
+        }
+        let mut filter = lanyard_store::GrantFilter {
+            status: Some(lanyard_store::GrantStatus::Active),
+            ..lanyard_store::GrantFilter::default()
+        };
+        match &job.selector {
+            RevokeSelector::Workload(w) => filter.workload_id = Some(w.clone()),
+            RevokeSelector::WorkloadPrefix(p) => filter.workload_prefix = Some(p.clone()),
+            RevokeSelector::Issuer(i) => filter.issuer = Some(i.clone()),
+            _ => return,
+        }
+        let page = lanyard_store::PageRequest {
+            limit: 1,
+            cursor: None,
+        };
+        match rt.store.grant_list(&filter, &page).await {
+            Ok(p) if p.items.is_empty() => {}
+            Ok(_) => {
+                let ctx = RequestCtx {
+                    request_id: uuid::Uuid::new_v4().simple().to_string(),
+                    operator: Some(format!("sweep:{}", job.id)),
+                };
+                let input = RevokeInput {
+                    selector: job.selector.clone(),
+                    reason: format!(
+                        "sweep after {}: grants issued before every replica saw deny entry {deny_entry}",
+                        job.id
+                    ),
+                    deny: None,
+                };
+                match rt.revoke_start(input, &ctx).await {
+                    Ok((j, _)) => {
+                        tracing::warn!(job = %j.id, matched = j.matched, "revoked grants issued while a deny entry was propagating")
+                    }
+                    Err(e) => {
+                        tracing::error!(job = %job.id, error = %e.message, "the straggler sweep failed; revoke again by hand")
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "the straggler sweep failed; revoke again by hand")
+            }
+        }
+    });
+}
+
 /// Run the revocation worker until `shutdown` resolves: take due jobs (written here,
 /// by another replica, or left by a crashed worker) and work them.
 pub async fn run_worker(rt: Arc<Runtime>, shutdown: impl std::future::Future<Output = ()>) {
@@ -427,7 +490,7 @@ pub async fn run_worker(rt: Arc<Runtime>, shutdown: impl std::future::Future<Out
 /// One pass over a leased job: every destination with due steps, concurrently; then
 /// give the lease back (the job is done, or due again at its next retry).
 async fn work_job(rt: &Arc<Runtime>, job: RevocationJob) -> Result<(), StoreError> {
-    let progress = rt.store.revocation_progress(&job.id).await?;
+    let destinations = rt.store.revocation_destinations(&job.id).await?;
     let lease = rt.revocations.settings().lease;
     let next_seq = Arc::new(Mutex::new(job.receipts + 1));
     // Keep the lease while destinations are slow.
@@ -450,17 +513,10 @@ async fn work_job(rt: &Arc<Runtime>, job: RevocationJob) -> Result<(), StoreErro
         })
     };
     let job = Arc::new(job);
-    let tasks = progress
-        .iter()
-        .filter(|p| p.pending + p.failed > 0)
-        .map(|p| {
-            work_destination(
-                rt.clone(),
-                job.clone(),
-                p.destination.clone(),
-                next_seq.clone(),
-            )
-        });
+    // A destination with nothing due finds an empty first page and ends at once.
+    let tasks = destinations
+        .into_iter()
+        .map(|d| work_destination(rt.clone(), job.clone(), d, next_seq.clone()));
     let results = futures::future::join_all(tasks).await;
     heartbeat.abort();
     for r in results {
@@ -513,17 +569,27 @@ async fn work_destination(
     let snap = rt.snapshot();
     let entry = snap.destinations.get(&destination).cloned();
     let breaker = Arc::new(Breaker::default());
-    let mut after = String::new();
-    loop {
+    // The next page is read while this one is worked: reads run beside the one writer.
+    let fetch = |after: String| {
+        let store = rt.store.clone();
+        let (job_id, destination) = (job.id.clone(), destination.clone());
         let now_ms = rt.clock.now_unix_millis();
-        let steps = rt
-            .store
-            .revocation_steps_due(&job.id, &destination, now_ms, &after, PAGE)
-            .await?;
+        tokio::spawn(async move {
+            store
+                .revocation_steps_due(&job_id, &destination, now_ms, &after, PAGE)
+                .await
+        })
+    };
+    let mut next = fetch(String::new());
+    loop {
+        let steps = match next.await {
+            Ok(r) => r?,
+            Err(e) => return Err(StoreError::Unavailable(Box::new(e))),
+        };
         let Some(last) = steps.last() else {
             return Ok(());
         };
-        after = last.grant_id.clone();
+        next = fetch(last.grant_id.clone());
         let Some(entry) = &entry else {
             let outcomes = steps
                 .iter()

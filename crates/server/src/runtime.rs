@@ -640,6 +640,19 @@ impl Runtime {
         ev.detail["expires_at"] = json!(issued.expires_at);
         ev.detail["trust_rule"] = json!(workload.rule);
         self.committer.commit(Some(grant.clone()), ev).await?;
+        // A deny entry written while this exchange was in flight (after the check above,
+        // before the commit) did not see this grant: revoke it now and hand nothing out.
+        if let Some(e) = self.deny_check(workload.id.as_str(), &workload.issuer) {
+            let input = crate::revoke::RevokeInput {
+                selector: lanyard_store::RevokeSelector::Grant(grant_id.to_string()),
+                reason: format!("issued while a deny entry was being written: {}", e.message),
+                deny: None,
+            };
+            if let Err(r) = self.revoke_start(input, ctx).await {
+                tracing::error!(grant = %grant_id, error = %r.message, "revoking a grant issued during a deny entry failed; revoke it by hand");
+            }
+            return Err(e);
+        }
         self.seen.note(&self.store, now, &workload);
         tracing::info!(
             request_id = %ctx.request_id,

@@ -344,10 +344,13 @@ impl AdminSvc {
                 ctx,
             )
             .await?;
-        let progress = self.rt.store.revocation_progress(&job.id).await?;
+        if let Some(name) = &deny_entry {
+            crate::revoke::schedule_sweep(self.rt.clone(), job.clone(), name.clone());
+        }
+        // The job as stored; per-destination counts come with the receipts and summary.
         Ok(crate::revoke::follow(
             self.rt.clone(),
-            convert::job_to_pb(&job, &progress, deny_entry),
+            convert::job_to_pb(&job, &[], deny_entry),
         ))
     }
 

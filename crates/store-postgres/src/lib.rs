@@ -789,6 +789,28 @@ impl Store for PgStore {
         revocation::progress(&self.pool, job_id).await
     }
 
+    async fn revocation_destinations(&self, job_id: &str) -> Result<Vec<String>> {
+        // A loose index scan: the next destination after each, from the primary key.
+        let rows = sqlx::query(
+            "WITH RECURSIVE d(dest) AS ( \
+                 SELECT (SELECT destination FROM revocation_steps WHERE job_id = $1 \
+                         ORDER BY destination LIMIT 1) \
+                 UNION ALL \
+                 SELECT (SELECT destination FROM revocation_steps \
+                         WHERE job_id = $1 AND destination > d.dest \
+                         ORDER BY destination LIMIT 1) \
+                 FROM d WHERE d.dest IS NOT NULL) \
+             SELECT dest FROM d WHERE dest IS NOT NULL",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("dest").map_err(db))
+            .collect()
+    }
+
     async fn revocation_claim(
         &self,
         owner: &str,

@@ -50,12 +50,17 @@ pub(crate) async fn create(
     .execute(&mut *conn)
     .await
     .map_err(|e| map_err(e, || format!("revocation job {} already exists", job.id)))?;
-    // `status = 'active'` as a literal: the partial expiry index applies.
+    // One statement: the grants marked revoked are exactly the steps written, whatever
+    // commits concurrently. `status = 'active'` as a literal: the partial index applies.
     let insert = format!(
-        "INSERT INTO revocation_steps \
+        "WITH revoked AS ( \
+             UPDATE grants SET status = 'revoked', finished_at = $3 \
+             WHERE {} AND status = 'active' AND expires_at > $3 \
+             RETURNING id, destination, workload_id, revocation_handle, expires_at) \
+         INSERT INTO revocation_steps \
              (job_id, grant_id, destination, workload_id, revocation_handle, expires_at, state) \
          SELECT $1, id, destination, workload_id, revocation_handle, expires_at, 'pending' \
-         FROM grants WHERE {} AND status = 'active' AND expires_at > $3",
+         FROM revoked",
         selector_clause(&job.selector)
     );
     let matched = sqlx::query(AssertSqlSafe(insert))
@@ -66,16 +71,6 @@ pub(crate) async fn create(
         .await
         .map_err(db)?
         .rows_affected();
-    sqlx::query(
-        "UPDATE grants SET status = 'revoked', finished_at = $2 \
-         WHERE id IN (SELECT grant_id FROM revocation_steps WHERE job_id = $1) \
-           AND status = 'active'",
-    )
-    .bind(&job.id)
-    .bind(job.now)
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
     let matched_i = i64::try_from(matched).map_err(|e| corrupt("matched", e))?;
     let row = sqlx::query(AssertSqlSafe(format!(
         "UPDATE revocation_jobs SET matched = $2, \
@@ -130,40 +125,34 @@ pub(crate) async fn list(pool: &PgPool, page: &PageRequest) -> Result<Page<Revoc
 }
 
 pub(crate) async fn progress(pool: &PgPool, job_id: &str) -> Result<Vec<DestinationProgress>> {
+    // Grouped by destination only, the primary key's order: one pass, no sort.
     let rows = sqlx::query(
-        "SELECT destination, state, COUNT(*) AS n, MAX(expires_at) AS latest \
-         FROM revocation_steps WHERE job_id = $1 GROUP BY destination, state \
-         ORDER BY destination",
+        "SELECT destination, \
+             SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END) AS pending, \
+             SUM(CASE WHEN state = 'revoked' THEN 1 ELSE 0 END) AS revoked, \
+             SUM(CASE WHEN state = 'expires_at' THEN 1 ELSE 0 END) AS expiring, \
+             SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed, \
+             MAX(CASE WHEN state = 'expires_at' THEN expires_at END) AS latest \
+         FROM revocation_steps WHERE job_id = $1 \
+         GROUP BY destination ORDER BY destination",
     )
     .bind(job_id)
     .fetch_all(pool)
     .await
     .map_err(db)?;
-    let mut out: Vec<DestinationProgress> = Vec::new();
-    for row in &rows {
-        let destination: String = row.try_get("destination").map_err(db)?;
-        let state: String = row.try_get("state").map_err(db)?;
-        let n = count(row.try_get("n").map_err(db)?)?;
-        let latest: Option<i64> = row.try_get("latest").map_err(db)?;
-        if out.last().is_none_or(|p| p.destination != destination) {
-            out.push(DestinationProgress {
-                destination,
-                ..DestinationProgress::default()
-            });
-        }
-        let Some(p) = out.last_mut() else { continue };
-        match StepState::parse(&state) {
-            Some(StepState::Pending) => p.pending = n,
-            Some(StepState::Revoked) => p.revoked = n,
-            Some(StepState::ExpiresAt) => {
-                p.expires_at = n;
-                p.latest_expiry = latest;
-            }
-            Some(StepState::Failed) => p.failed = n,
-            None => return Err(StoreError::Corrupt(format!("unknown step state {state:?}"))),
-        }
-    }
-    Ok(out)
+    rows.iter()
+        .map(|row| {
+            let n = |c: &str| -> Result<u64> { count(row.try_get::<i64, _>(c).map_err(db)?) };
+            Ok(DestinationProgress {
+                destination: row.try_get("destination").map_err(db)?,
+                pending: n("pending")?,
+                revoked: n("revoked")?,
+                expires_at: n("expiring")?,
+                failed: n("failed")?,
+                latest_expiry: row.try_get("latest").map_err(db)?,
+            })
+        })
+        .collect()
 }
 
 pub(crate) async fn claim(
@@ -277,9 +266,10 @@ pub(crate) async fn record(
         .await
         .map_err(|e| map_err(e, || format!("receipt {} of job {job_id} exists", r.seq)))?;
         sqlx::query(
-            "UPDATE revocation_steps SET state = $3, detail = $4, attempts = attempts + 1, \
+            "UPDATE revocation_steps SET state = $3, \
+                 detail = CASE WHEN $3 = 'failed' THEN $4 ELSE detail END, attempts = attempts + 1, \
                  next_attempt_at = $5, receipt_seq = $6 \
-             WHERE job_id = $1 AND grant_id = ANY($2)",
+             WHERE job_id = $1 AND destination = $7 AND grant_id = ANY($2)",
         )
         .bind(job_id)
         .bind(&r.grant_ids)
@@ -287,6 +277,7 @@ pub(crate) async fn record(
         .bind(&r.detail)
         .bind(r.retry_at_ms.unwrap_or(0))
         .bind(r.seq)
+        .bind(&r.destination)
         .execute(&mut *conn)
         .await
         .map_err(db)?;
@@ -365,7 +356,8 @@ pub(crate) async fn receipts(
 
 pub(crate) async fn queue_depth(pool: &PgPool) -> Result<u64> {
     let row = sqlx::query(
-        "SELECT COUNT(*) AS n FROM revocation_steps WHERE state IN ('pending', 'failed')",
+        "SELECT COUNT(*) AS n FROM revocation_steps s JOIN revocation_jobs j ON j.id = s.job_id \
+         WHERE j.state = 'running' AND s.state IN ('pending', 'failed')",
     )
     .fetch_one(pool)
     .await

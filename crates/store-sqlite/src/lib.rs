@@ -63,6 +63,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Read connections. Reads are short; the machine this runs on has few cores.
 const READERS: u32 = 4;
+/// Page cache of the writer (`PRAGMA cache_size`, negative = KiB; grown on demand).
+/// SQLite's default of 2 MiB makes a transaction that touches more pages than that
+/// spill to the WAL before it commits: revoking 100,000 grants in one job took twice
+/// as long with it.
+const WRITER_CACHE: &str = "-65536";
+/// Page cache of each reader.
+const READER_CACHE: &str = "-16384";
 
 /// The migrations in `migrations/sqlite`, embedded at compile time.
 ///
@@ -191,7 +198,11 @@ impl SqliteStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(base.clone().journal_mode(SqliteJournalMode::Wal))
+            .connect_with(
+                base.clone()
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .pragma("cache_size", WRITER_CACHE),
+            )
             .await
             .map_err(db)?;
         migrator().run(&writer).await.map_err(map_migrate)?;
@@ -199,7 +210,7 @@ impl SqliteStore {
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(base.read_only(true))
+            .connect_with(base.read_only(true).pragma("cache_size", READER_CACHE))
             .await
             .map_err(db)?;
         Ok(Self {
@@ -870,6 +881,28 @@ impl Store for SqliteStore {
 
     async fn revocation_progress(&self, job_id: &str) -> Result<Vec<DestinationProgress>> {
         revocation::progress(&self.reader, job_id).await
+    }
+
+    async fn revocation_destinations(&self, job_id: &str) -> Result<Vec<String>> {
+        // A loose index scan: the next destination after each, from the primary key.
+        let rows = sqlx::query(
+            "WITH RECURSIVE d(dest) AS ( \
+                 SELECT (SELECT destination FROM revocation_steps WHERE job_id = ?1 \
+                         ORDER BY destination LIMIT 1) \
+                 UNION ALL \
+                 SELECT (SELECT destination FROM revocation_steps \
+                         WHERE job_id = ?1 AND destination > d.dest \
+                         ORDER BY destination LIMIT 1) \
+                 FROM d WHERE d.dest IS NOT NULL) \
+             SELECT dest FROM d WHERE dest IS NOT NULL",
+        )
+        .bind(job_id)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("dest").map_err(db))
+            .collect()
     }
 
     async fn revocation_claim(

@@ -72,16 +72,20 @@ pub(crate) async fn create(
         .await
         .map_err(db)?
         .rows_affected();
-    sqlx::query(
-        "UPDATE grants SET status = 'revoked', finished_at = ?2 \
-         WHERE id IN (SELECT grant_id FROM revocation_steps WHERE job_id = ?1) \
-           AND status = 'active'",
-    )
-    .bind(&job.id)
-    .bind(job.now)
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
+    // The same rows: this transaction holds SQLite's one write lock throughout.
+    let update = format!(
+        "UPDATE grants SET status = 'revoked', finished_at = ?3 \
+         WHERE {} AND status = 'active' AND expires_at > ?3",
+        selector_clause(&job.selector)
+    );
+    sqlx::query(AssertSqlSafe(update))
+        .bind(&job.id)
+        .bind(job.selector.value())
+        .bind(job.now)
+        .bind(&upper)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
     let matched_i = i64::try_from(matched).map_err(|e| corrupt("matched", e))?;
     let row = sqlx::query(AssertSqlSafe(format!(
         "UPDATE revocation_jobs SET matched = ?2, \
@@ -135,40 +139,34 @@ pub(crate) async fn list(pool: &SqlitePool, page: &PageRequest) -> Result<Page<R
 }
 
 pub(crate) async fn progress(pool: &SqlitePool, job_id: &str) -> Result<Vec<DestinationProgress>> {
+    // Grouped by destination only, the primary key's order: one pass, no sort.
     let rows = sqlx::query(
-        "SELECT destination, state, COUNT(*) AS n, MAX(expires_at) AS latest \
-         FROM revocation_steps WHERE job_id = ?1 GROUP BY destination, state \
-         ORDER BY destination",
+        "SELECT destination, \
+             SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END) AS pending, \
+             SUM(CASE WHEN state = 'revoked' THEN 1 ELSE 0 END) AS revoked, \
+             SUM(CASE WHEN state = 'expires_at' THEN 1 ELSE 0 END) AS expiring, \
+             SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed, \
+             MAX(CASE WHEN state = 'expires_at' THEN expires_at END) AS latest \
+         FROM revocation_steps WHERE job_id = ?1 \
+         GROUP BY destination ORDER BY destination",
     )
     .bind(job_id)
     .fetch_all(pool)
     .await
     .map_err(db)?;
-    let mut out: Vec<DestinationProgress> = Vec::new();
-    for row in &rows {
-        let destination: String = row.try_get("destination").map_err(db)?;
-        let state: String = row.try_get("state").map_err(db)?;
-        let n = count(row.try_get("n").map_err(db)?)?;
-        let latest: Option<i64> = row.try_get("latest").map_err(db)?;
-        if out.last().is_none_or(|p| p.destination != destination) {
-            out.push(DestinationProgress {
-                destination,
-                ..DestinationProgress::default()
-            });
-        }
-        let Some(p) = out.last_mut() else { continue };
-        match StepState::parse(&state) {
-            Some(StepState::Pending) => p.pending = n,
-            Some(StepState::Revoked) => p.revoked = n,
-            Some(StepState::ExpiresAt) => {
-                p.expires_at = n;
-                p.latest_expiry = latest;
-            }
-            Some(StepState::Failed) => p.failed = n,
-            None => return Err(StoreError::Corrupt(format!("unknown step state {state:?}"))),
-        }
-    }
-    Ok(out)
+    rows.iter()
+        .map(|row| {
+            let n = |c: &str| -> Result<u64> { count(row.try_get::<i64, _>(c).map_err(db)?) };
+            Ok(DestinationProgress {
+                destination: row.try_get("destination").map_err(db)?,
+                pending: n("pending")?,
+                revoked: n("revoked")?,
+                expires_at: n("expiring")?,
+                failed: n("failed")?,
+                latest_expiry: row.try_get("latest").map_err(db)?,
+            })
+        })
+        .collect()
 }
 
 pub(crate) async fn claim(
@@ -282,9 +280,11 @@ pub(crate) async fn record(
         .await
         .map_err(|e| map_err(e, || format!("receipt {} of job {job_id} exists", r.seq)))?;
         sqlx::query(
-            "UPDATE revocation_steps SET state = ?3, detail = ?4, attempts = attempts + 1, \
+            "UPDATE revocation_steps SET state = ?3, \
+                 detail = CASE WHEN ?3 = 'failed' THEN ?4 ELSE detail END, attempts = attempts + 1, \
                  next_attempt_at = ?5, receipt_seq = ?6 \
-             WHERE job_id = ?1 AND grant_id IN (SELECT value FROM json_each(?2))",
+             WHERE job_id = ?1 AND destination = ?7 \
+               AND grant_id IN (SELECT value FROM json_each(?2))",
         )
         .bind(job_id)
         .bind(&ids)
@@ -292,6 +292,7 @@ pub(crate) async fn record(
         .bind(&r.detail)
         .bind(r.retry_at_ms.unwrap_or(0))
         .bind(r.seq)
+        .bind(&r.destination)
         .execute(&mut *conn)
         .await
         .map_err(db)?;
@@ -370,7 +371,8 @@ pub(crate) async fn receipts(
 
 pub(crate) async fn queue_depth(pool: &SqlitePool) -> Result<u64> {
     let row = sqlx::query(
-        "SELECT COUNT(*) AS n FROM revocation_steps WHERE state IN ('pending', 'failed')",
+        "SELECT COUNT(*) AS n FROM revocation_steps s JOIN revocation_jobs j ON j.id = s.job_id \
+         WHERE j.state = 'running' AND s.state IN ('pending', 'failed')",
     )
     .fetch_one(pool)
     .await

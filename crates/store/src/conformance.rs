@@ -1569,6 +1569,17 @@ async fn revocation_job_lifecycle(store: &dyn Store) {
         (progress[1].destination.as_str(), progress[1].pending),
         (d2.as_str(), 1)
     );
+    assert_eq!(
+        store.revocation_destinations(&new.id).await.unwrap(),
+        vec![d1.clone(), d2.clone()]
+    );
+    assert!(
+        store
+            .revocation_destinations("rvk_none")
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let depth = store.revocation_queue_depth().await.unwrap();
     assert!(depth >= 3);
 

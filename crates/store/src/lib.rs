@@ -252,6 +252,12 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Unavailable`].
     async fn revocation_progress(&self, job_id: &str) -> Result<Vec<DestinationProgress>>;
 
+    /// The destinations a job has steps at, ordered (cheap: one index probe each).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn revocation_destinations(&self, job_id: &str) -> Result<Vec<String>>;
+
     /// Take the lease of one running job that is due at `now_ms` and whose lease is
     /// free or lapsed; `owner` holds it until `lease_until_ms` unless it renews it.
     ///

@@ -296,7 +296,7 @@ async fn revocation_is_immediate_and_idempotent() {
     assert_eq!(
         first,
         RevokeOutcome::Revoked {
-            detail: "refused by lanyard introspection; offline validators accept it until 2026-01-01T00:00:00Z".into()
+            detail: lanyard_destination_jwt::REVOKED_DETAIL.into()
         }
     );
     assert_eq!(dest.revoke(req).await.unwrap(), first);
