@@ -368,6 +368,186 @@ permit (principal, action, resource == Lanyard::Destination::"orders")
 when { principal.id like "spiffe://lanyard.local/ci/*" && ["read", "write"].containsAll(context.scopes) };
 "#;
 
+/// A database with a table and two NOLOGIN group roles (read: SELECT on `items`;
+/// write: also INSERT, and CREATE in schema `work`) for a `postgres` destination named
+/// `app-db`, and the admin URL in a file.
+struct PgFixture {
+    url: String,
+    db: String,
+    db_url: String,
+    ro: String,
+    rw: String,
+    host: String,
+    port: u16,
+    url_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PgFixture {
+    async fn new(url: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = format!("{}_{}_{n}", std::process::id(), now() % 100_000);
+        let (db, ro, rw) = (
+            format!("app_{tag}"),
+            format!("app_ro_{tag}"),
+            format!("app_rw_{tag}"),
+        );
+        let mut admin = pg(url).await;
+        exec(&mut admin, &format!("CREATE DATABASE {db}")).await;
+        let db_url = format!("{}/{db}", url.rsplit_once('/').unwrap().0);
+        let mut dba = pg(&db_url).await;
+        exec(
+            &mut dba,
+            &format!(
+                "CREATE TABLE items (id int); INSERT INTO items VALUES (1); \
+                 CREATE ROLE {ro} NOLOGIN; GRANT SELECT ON items TO {ro}; \
+                 CREATE ROLE {rw} NOLOGIN; GRANT SELECT, INSERT ON items TO {rw}; \
+                 CREATE SCHEMA work; GRANT USAGE, CREATE ON SCHEMA work TO {rw};"
+            ),
+        )
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("admin-url");
+        std::fs::write(&url_file, &db_url).unwrap();
+        let rest = url.split_once('@').unwrap().1;
+        let hp = rest.split_once('/').unwrap().0;
+        let (h, p) = hp.rsplit_once(':').unwrap();
+        PgFixture {
+            url: url.to_owned(),
+            db,
+            db_url,
+            ro,
+            rw,
+            host: h.to_owned(),
+            port: p.parse().unwrap(),
+            url_file,
+            _dir: dir,
+        }
+    }
+
+    /// Register the test issuer (`configure`) and the `app-db` destination.
+    async fn configure(&self, l: &Lanyard, issuer: &TestIssuer) {
+        configure(l, issuer, Keys::JwksUrl, KeyAlg::Es256, false).await;
+        l.admin()
+            .await
+            .put_destination(pb::PutDestinationRequest {
+                destination: Some(pb::Destination {
+                    name: "app-db".into(),
+                    kind: "postgres".into(),
+                    default_ttl_seconds: 300,
+                    max_ttl_seconds: 600,
+                    scopes: vec!["db:read".into(), "db:write".into()],
+                    settings: Some(json_struct(json!({
+                        "host": self.host, "port": self.port, "database": self.db,
+                        "admin_url_file": self.url_file,
+                        "scope_roles": {"db:read": [self.ro], "db:write": [self.rw]},
+                    }))),
+                    ..Default::default()
+                }),
+                expected_revision: None,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Whether a role exists.
+    async fn role_exists(&self, role: &str) -> bool {
+        let mut c = pg(&self.url).await;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = $1")
+            .bind(role)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        n > 0
+    }
+
+    async fn drop_all(self) {
+        let mut admin = pg(&self.url).await;
+        exec(
+            &mut admin,
+            &format!("DROP DATABASE {} WITH (FORCE)", self.db),
+        )
+        .await;
+        exec(
+            &mut admin,
+            &format!(
+                "DROP ROLE IF EXISTS {}; DROP ROLE IF EXISTS {}",
+                self.ro, self.rw
+            ),
+        )
+        .await;
+    }
+}
+
+fn db_login(resp: &pb::ExchangeResponse) -> (String, String) {
+    match resp.credential.as_ref().unwrap().kind.as_ref() {
+        Some(pb::credential::Kind::Database(d)) => (
+            format!(
+                "postgres://{}:{}@{}:{}/{}",
+                d.username, d.password, d.host, d.port, d.database
+            ),
+            d.username.clone(),
+        ),
+        other => panic!("expected database credentials, got {other:?}"),
+    }
+}
+
+/// A `postgres` grant that expires is revoked at the database by the expiry sweep: its
+/// role is dropped and its open session ended, and the job is on record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_database_grants_are_revoked_at_the_database() {
+    let Some(url) = pg_url() else {
+        return;
+    };
+    let fx = PgFixture::new(&url).await;
+    let issuer = TestIssuer::start(KeyAlg::Es256).await;
+    let l = Lanyard::start(LanyardOptions {
+        policy: Some(PG_POLICY.into()),
+        extra_config: "[revocation]\nexpiry_sweep_interval = \"1s\"\npoll_interval = \"100ms\"\n"
+            .into(),
+        ..Default::default()
+    })
+    .await;
+    fx.configure(&l, &issuer).await;
+    let resp = l
+        .exchange()
+        .await
+        .exchange(pb::ExchangeRequest {
+            subject_token: issuer.mint(&claims(&issuer, "app", "run-1")),
+            destination: "app-db".into(),
+            scopes: vec!["db:read".into()],
+            requested_ttl_seconds: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (login, role) = db_login(&resp);
+    let mut session = pg(&login).await;
+    assert!(fx.role_exists(&role).await);
+    eventually("the expired grant's role is dropped", || async {
+        (!fx.role_exists(&role).await).then_some(())
+    })
+    .await;
+    assert!(sqlx::query("SELECT 1").execute(&mut session).await.is_err());
+    assert_eq!(status(&l, &resp.grant_id).await, "expired");
+    let jobs = admin_cli_json(&l, &["revoke", "list"]).await;
+    let job = &jobs["jobs"][0];
+    assert_eq!(job["requested_by"], "lanyard:expiry");
+    assert_eq!(
+        job["selector"],
+        json!({"kind": "destination", "value": "app-db"})
+    );
+    eventually("the clean-up job finishes", || async {
+        let j = admin_cli_json(&l, &["revoke", "status", job["id"].as_str().unwrap()]).await;
+        (j["job"]["state"] == "done").then_some(())
+    })
+    .await;
+    drop(session);
+    fx.drop_all().await;
+}
+
 /// The credential logs in and can do only what its scope allows; a revocation job is
 /// written, then lanyard is killed with SIGKILL while the database destination is still
 /// working on it; after a restart the job resumes and finishes: every grant gets its
@@ -378,36 +558,8 @@ async fn revocation_survives_kill_9_in_the_middle_of_fan_out() {
         return;
     };
     // A database and group roles for the destination, unique to this run.
-    let tag = format!("{}_{}", std::process::id(), now() % 100_000);
-    let (db, ro, rw) = (
-        format!("app_{tag}"),
-        format!("app_ro_{tag}"),
-        format!("app_rw_{tag}"),
-    );
-    let mut admin = pg(&url).await;
-    exec(&mut admin, &format!("CREATE DATABASE {db}")).await;
-    let db_url = format!("{}/{db}", url.rsplit_once('/').unwrap().0);
-    let mut dba = pg(&db_url).await;
-    exec(
-        &mut dba,
-        &format!(
-            "CREATE TABLE items (id int); INSERT INTO items VALUES (1); \
-             CREATE ROLE {ro} NOLOGIN; GRANT SELECT ON items TO {ro}; \
-             CREATE ROLE {rw} NOLOGIN; GRANT SELECT, INSERT ON items TO {rw}; \
-             CREATE SCHEMA work; GRANT USAGE, CREATE ON SCHEMA work TO {rw};"
-        ),
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let url_file = dir.path().join("admin-url");
-    std::fs::write(&url_file, &db_url).unwrap();
-    let (host, port) = {
-        let rest = url.split_once('@').unwrap().1;
-        let hp = rest.split_once('/').unwrap().0;
-        let (h, p) = hp.rsplit_once(':').unwrap();
-        (h.to_owned(), p.parse::<u16>().unwrap())
-    };
-
+    let fx = PgFixture::new(&url).await;
+    let (host, port, db) = (fx.host.clone(), fx.port, fx.db.clone());
     let issuer = TestIssuer::start(KeyAlg::Es256).await;
     let opts = LanyardOptions {
         policy: Some(PG_POLICY.into()),
@@ -415,27 +567,9 @@ async fn revocation_survives_kill_9_in_the_middle_of_fan_out() {
         ..Default::default()
     };
     let mut l = Lanyard::start(opts.clone()).await;
-    configure(&l, &issuer, Keys::JwksUrl, KeyAlg::Es256, false).await;
-    l.admin()
-        .await
-        .put_destination(pb::PutDestinationRequest {
-            destination: Some(pb::Destination {
-                name: "app-db".into(),
-                kind: "postgres".into(),
-                default_ttl_seconds: 300,
-                max_ttl_seconds: 600,
-                scopes: vec!["db:read".into(), "db:write".into()],
-                settings: Some(json_struct(json!({
-                    "host": host, "port": port, "database": db,
-                    "admin_url_file": url_file,
-                    "scope_roles": {"db:read": [ro], "db:write": [rw]},
-                }))),
-                ..Default::default()
-            }),
-            expected_revision: None,
-        })
-        .await
-        .unwrap();
+    fx.configure(&l, &issuer).await;
+    let db_url = fx.db_url.clone();
+    let mut dba = pg(&db_url).await;
     let mut c = l.exchange().await;
     let db_grant = |scope: &'static str| {
         let token = issuer.mint(&claims(&issuer, "app", "run-1"));
@@ -665,10 +799,5 @@ async fn revocation_survives_kill_9_in_the_middle_of_fan_out() {
     assert!(verify_chain(&l).await.ok);
     drop(dba);
     drop(locker);
-    exec(&mut admin, &format!("DROP DATABASE {db} WITH (FORCE)")).await;
-    exec(
-        &mut admin,
-        &format!("DROP ROLE IF EXISTS {ro}; DROP ROLE IF EXISTS {rw}"),
-    )
-    .await;
+    fx.drop_all().await;
 }

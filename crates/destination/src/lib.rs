@@ -341,6 +341,12 @@ pub trait Destination: Send + Sync {
     fn kind(&self) -> &'static str;
     /// What revocation means here.
     fn revocability(&self) -> Revocability;
+    /// Whether an expired credential leaves state at the destination that lanyard must
+    /// remove (a database role): lanyard then revokes grants of this destination once
+    /// they expire, through a revocation job. Default: no.
+    fn revoke_at_expiry(&self) -> bool {
+        false
+    }
     /// Issue a credential.
     ///
     /// # Errors

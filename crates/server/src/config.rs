@@ -74,6 +74,10 @@ pub struct RevocationConfig {
     /// How often an idle worker looks for jobs written by other replicas.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// How often expired grants are swept; a destination that leaves state behind (a
+    /// `postgres` role) has its expired grants revoked there by the same sweep.
+    #[serde(with = "humantime_serde")]
+    pub expiry_sweep_interval: Duration,
 }
 
 impl Default for RevocationConfig {
@@ -81,6 +85,7 @@ impl Default for RevocationConfig {
         Self {
             lease: Duration::from_secs(15),
             poll_interval: Duration::from_secs(1),
+            expiry_sweep_interval: Duration::from_secs(30),
         }
     }
 }
@@ -571,6 +576,14 @@ impl FileConfig {
                 message: "must be between 50ms and 60s".into(),
             });
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600))
+            .contains(&self.revocation.expiry_sweep_interval)
+        {
+            return Err(ConfigError::Invalid {
+                key: "revocation.expiry_sweep_interval",
+                message: "must be between 1s and 1h".into(),
+            });
+        }
         if self.limits.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid {
                 key: "limits.max_request_bytes",
@@ -598,6 +611,7 @@ impl FileConfig {
             revocation: crate::revoke::RevocationSettings {
                 lease: self.revocation.lease,
                 poll: self.revocation.poll_interval,
+                expiry_sweep: self.revocation.expiry_sweep_interval,
             },
         })
     }

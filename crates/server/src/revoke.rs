@@ -74,6 +74,9 @@ pub struct RevocationSettings {
     /// How often an idle worker looks for due jobs written by other replicas (jobs
     /// written here wake it at once).
     pub poll: Duration,
+    /// How often expired grants are swept (marked expired; those of destinations that
+    /// leave state behind are revoked there first, see [`expiry_cleanup`]).
+    pub expiry_sweep: Duration,
 }
 
 impl Default for RevocationSettings {
@@ -81,6 +84,7 @@ impl Default for RevocationSettings {
         Self {
             lease: Duration::from_secs(15),
             poll: Duration::from_secs(1),
+            expiry_sweep: Duration::from_secs(30),
         }
     }
 }
@@ -217,6 +221,9 @@ pub struct RevokeInput {
     /// Deny new exchanges of the selected workload / prefix / issuer for this long;
     /// `Some(None)` = until lifted (the issuer kill switch).
     pub deny: Option<Option<Duration>>,
+    /// Match active grants that have expired instead (the expiry clean-up; see
+    /// [`NewRevocationJob::expired_only`]).
+    pub expired_only: bool,
 }
 
 impl Runtime {
@@ -306,6 +313,9 @@ impl Runtime {
         if let Some(d) = &deny {
             ev.detail["deny_entry"] = json!({"name": d.name(), "expires_at": d.expires_at});
         }
+        if input.expired_only {
+            ev.detail["expired_only"] = json!(true);
+        }
         let deny_obj = match &deny {
             Some(d) => Some(NewConfigObject {
                 kind: ConfigKind::DenyEntry,
@@ -323,6 +333,7 @@ impl Runtime {
             requested_by,
             now,
             now_ms,
+            expired_only: input.expired_only,
         };
         let created = self
             .store
@@ -387,6 +398,41 @@ impl Runtime {
     }
 }
 
+/// Revoke, at every destination whose adapter asks for it
+/// ([`lanyard_destination::Destination::revoke_at_expiry`]), the grants that expired:
+/// one job per destination that has any, with receipts like any other.
+pub async fn expiry_cleanup(rt: &Runtime) {
+    let snap = rt.snapshot();
+    let mut names: Vec<&String> = snap
+        .destinations
+        .iter()
+        .filter(|(_, d)| d.adapter.revoke_at_expiry())
+        .map(|(n, _)| n)
+        .collect();
+    names.sort();
+    for name in names {
+        let ctx = RequestCtx {
+            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            operator: Some("lanyard:expiry".into()),
+        };
+        let input = RevokeInput {
+            selector: RevokeSelector::Destination(name.clone()),
+            reason: "expired: remove the credential left at the destination".into(),
+            deny: None,
+            expired_only: true,
+        };
+        match rt.revoke_start(input, &ctx).await {
+            Ok((job, _)) => {
+                tracing::info!(job = %job.id, destination = %name, grants = job.matched, "revoking expired grants at their destination")
+            }
+            Err(e) if e.reason == ReasonCode::NotFound => {}
+            Err(e) => {
+                tracing::warn!(destination = %name, error = %e.message, "the expiry clean-up could not start; retried at the next sweep")
+            }
+        }
+    }
+}
+
 /// How long after a deny entry is written the sweep for stragglers runs: every replica
 /// reloads its configuration (and so its deny entries) at least this often, twice over.
 pub const SWEEP_DELAY: Duration = Duration::from_secs(5);
@@ -433,6 +479,7 @@ pub fn schedule_sweep(rt: Arc<Runtime>, job: RevocationJob, deny_entry: String) 
                         job.id
                     ),
                     deny: None,
+                    expired_only: false,
                 };
                 match rt.revoke_start(input, &ctx).await {
                     Ok((j, _)) => {

@@ -647,6 +647,7 @@ impl Runtime {
                 selector: lanyard_store::RevokeSelector::Grant(grant_id.to_string()),
                 reason: format!("issued while a deny entry was being written: {}", e.message),
                 deny: None,
+                expired_only: false,
             };
             if let Err(r) = self.revoke_start(input, ctx).await {
                 tracing::error!(grant = %grant_id, error = %r.message, "revoking a grant issued during a deny entry failed; revoke it by hand");

@@ -342,6 +342,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
             .await
     });
 
+    rt.revocations.set_settings(cfg.revocation.clone());
     let bg = tokio::spawn(background(rt.clone(), shutdown_rx.clone()));
     tokio::spawn(crate::audit::checkpoints(
         rt.clone(),
@@ -354,7 +355,6 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         std::sync::atomic::Ordering::Relaxed,
     );
     tokio::spawn(crate::audit::head_metric(rt.clone(), shutdown_rx.clone()));
-    rt.revocations.set_settings(cfg.revocation.clone());
     let revoke_worker = {
         let mut rx = shutdown_rx.clone();
         tokio::spawn(crate::revoke::run_worker(rt.clone(), async move {
@@ -422,7 +422,7 @@ async fn wait_for_signal() {
 /// expired grants and token IDs in batches.
 async fn background(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
     let mut reload = tokio::time::interval(Duration::from_secs(2));
-    let mut sweep = tokio::time::interval(Duration::from_secs(30));
+    let mut sweep = tokio::time::interval(rt.revocations.settings().expiry_sweep);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -432,6 +432,10 @@ async fn background(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
                 }
             }
             _ = sweep.tick() => {
+                // Destinations that leave state behind revoke their expired grants
+                // first (a job takes them from active to expired), then the rest are
+                // marked expired.
+                crate::revoke::expiry_cleanup(&rt).await;
                 let now = rt.clock.now_unix();
                 loop {
                     match rt.store.grant_expire_due(now, 1000).await {

@@ -340,6 +340,7 @@ impl AdminSvc {
                     selector,
                     reason,
                     deny,
+                    expired_only: false,
                 },
                 ctx,
             )

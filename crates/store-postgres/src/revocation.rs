@@ -30,6 +30,32 @@ fn selector_clause(selector: &RevokeSelector) -> String {
     }
 }
 
+/// The grants a job matches by time, and what they become.
+struct Matching {
+    filter: String,
+    status: &'static str,
+    finished_at: String,
+}
+
+impl Matching {
+    /// `now` is the placeholder bound to the job's `now`.
+    fn of(job: &NewRevocationJob, now: &str) -> Self {
+        if job.expired_only {
+            Matching {
+                filter: format!("expires_at <= {now}"),
+                status: "'expired'",
+                finished_at: "expires_at".into(),
+            }
+        } else {
+            Matching {
+                filter: format!("expires_at > {now}"),
+                status: "'revoked'",
+                finished_at: now.to_owned(),
+            }
+        }
+    }
+}
+
 pub(crate) async fn create(
     conn: &mut PgConnection,
     job: &NewRevocationJob,
@@ -50,18 +76,22 @@ pub(crate) async fn create(
     .execute(&mut *conn)
     .await
     .map_err(|e| map_err(e, || format!("revocation job {} already exists", job.id)))?;
+    let when = Matching::of(job, "$3");
     // One statement: the grants marked revoked are exactly the steps written, whatever
     // commits concurrently. `status = 'active'` as a literal: the partial index applies.
     let insert = format!(
         "WITH revoked AS ( \
-             UPDATE grants SET status = 'revoked', finished_at = $3 \
-             WHERE {} AND status = 'active' AND expires_at > $3 \
+             UPDATE grants SET status = {}, finished_at = {} \
+             WHERE {} AND status = 'active' AND {} \
              RETURNING id, destination, workload_id, revocation_handle, expires_at) \
          INSERT INTO revocation_steps \
              (job_id, grant_id, destination, workload_id, revocation_handle, expires_at, state) \
          SELECT $1, id, destination, workload_id, revocation_handle, expires_at, 'pending' \
          FROM revoked",
-        selector_clause(&job.selector)
+        when.status,
+        when.finished_at,
+        selector_clause(&job.selector),
+        when.filter
     );
     let matched = sqlx::query(AssertSqlSafe(insert))
         .bind(&job.id)
@@ -71,6 +101,12 @@ pub(crate) async fn create(
         .await
         .map_err(db)?
         .rows_affected();
+    if matched == 0 && job.expired_only {
+        // Nothing expired: write nothing (the caller's transaction is dropped).
+        return Err(StoreError::NotFound {
+            what: "expired active grants".into(),
+        });
+    }
     let matched_i = i64::try_from(matched).map_err(|e| corrupt("matched", e))?;
     let row = sqlx::query(AssertSqlSafe(format!(
         "UPDATE revocation_jobs SET matched = $2, \

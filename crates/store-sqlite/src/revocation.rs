@@ -34,6 +34,32 @@ fn selector_clause(selector: &RevokeSelector) -> String {
     }
 }
 
+/// The grants a job matches by time, and what they become.
+struct Matching {
+    filter: String,
+    status: &'static str,
+    finished_at: String,
+}
+
+impl Matching {
+    /// `now` is the placeholder bound to the job's `now`.
+    fn of(job: &NewRevocationJob, now: &str) -> Self {
+        if job.expired_only {
+            Matching {
+                filter: format!("expires_at <= {now}"),
+                status: "'expired'",
+                finished_at: "expires_at".into(),
+            }
+        } else {
+            Matching {
+                filter: format!("expires_at > {now}"),
+                status: "'revoked'",
+                finished_at: now.to_owned(),
+            }
+        }
+    }
+}
+
 pub(crate) async fn create(
     conn: &mut SqliteConnection,
     job: &NewRevocationJob,
@@ -54,13 +80,15 @@ pub(crate) async fn create(
     .execute(&mut *conn)
     .await
     .map_err(|e| map_err(e, || format!("revocation job {} already exists", job.id)))?;
+    let when = Matching::of(job, "?3");
     // `status = 'active'` as a literal: the partial expiry index applies.
     let insert = format!(
         "INSERT INTO revocation_steps \
              (job_id, grant_id, destination, workload_id, revocation_handle, expires_at, state) \
          SELECT ?1, id, destination, workload_id, revocation_handle, expires_at, 'pending' \
-         FROM grants WHERE {} AND status = 'active' AND expires_at > ?3",
-        selector_clause(&job.selector)
+         FROM grants WHERE {} AND status = 'active' AND {}",
+        selector_clause(&job.selector),
+        when.filter
     );
     let upper = format!("{}\u{10FFFF}", job.selector.value());
     let matched = sqlx::query(AssertSqlSafe(insert))
@@ -74,9 +102,12 @@ pub(crate) async fn create(
         .rows_affected();
     // The same rows: this transaction holds SQLite's one write lock throughout.
     let update = format!(
-        "UPDATE grants SET status = 'revoked', finished_at = ?3 \
-         WHERE {} AND status = 'active' AND expires_at > ?3",
-        selector_clause(&job.selector)
+        "UPDATE grants SET status = {}, finished_at = {} \
+         WHERE {} AND status = 'active' AND {}",
+        when.status,
+        when.finished_at,
+        selector_clause(&job.selector),
+        when.filter
     );
     sqlx::query(AssertSqlSafe(update))
         .bind(&job.id)
@@ -86,6 +117,12 @@ pub(crate) async fn create(
         .execute(&mut *conn)
         .await
         .map_err(db)?;
+    if matched == 0 && job.expired_only {
+        // Nothing expired: write nothing (the caller's transaction is dropped).
+        return Err(StoreError::NotFound {
+            what: "expired active grants".into(),
+        });
+    }
     let matched_i = i64::try_from(matched).map_err(|e| corrupt("matched", e))?;
     let row = sqlx::query(AssertSqlSafe(format!(
         "UPDATE revocation_jobs SET matched = ?2, \

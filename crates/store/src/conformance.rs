@@ -53,6 +53,7 @@ pub async fn run_all(store: &dyn Store) {
     revocation_job_lifecycle(store).await;
     revocation_selectors(store).await;
     revocation_leases(store).await;
+    revocation_of_expired_grants(store).await;
     workloads_seen(store).await;
 }
 
@@ -1448,6 +1449,7 @@ fn job(selector: RevokeSelector) -> NewRevocationJob {
         requested_by: "uid:0".to_owned(),
         now: NOW,
         now_ms: NOW * 1000,
+        expired_only: false,
     }
 }
 
@@ -1963,4 +1965,47 @@ async fn workloads_seen(store: &dyn Store) {
         })
     );
     store.workload_seen(&[]).await.unwrap();
+}
+
+/// An `expired_only` job takes the active grants that have expired (for clean-up at the
+/// destination) and marks them expired; with none, it writes nothing.
+async fn revocation_of_expired_grants(store: &dyn Store) {
+    let t = tag();
+    let dest = format!("db-{t}");
+    let w = workload(&t, "expiring");
+    let mut gone = grant(&w, "iss", &dest, None);
+    gone.expires_at = NOW - 5;
+    let live = grant(&w, "iss", &dest, None);
+    insert(store, &[gone.clone(), live.clone()]).await;
+    let mut j = job(RevokeSelector::Destination(dest.clone()));
+    j.expired_only = true;
+    let created = store
+        .revocation_create(&j, None, event("revocation.requested", &t))
+        .await
+        .unwrap();
+    assert_eq!(created.matched, 1);
+    let g = store.grant_get(&gone.id).await.unwrap().unwrap();
+    assert_eq!(
+        (g.status, g.finished_at),
+        (GrantStatus::Expired, Some(gone.expires_at))
+    );
+    assert_eq!(status_of(store, &live.id).await, GrantStatus::Active);
+    let steps = store
+        .revocation_steps_due(&j.id, &dest, NOW * 1000, "", 10)
+        .await
+        .unwrap();
+    assert_eq!(steps.len(), 1);
+    assert_eq!(steps[0].grant_id, gone.id.as_str());
+    // Nothing left: nothing written.
+    let (head, _) = chain_tail(store).await;
+    let mut again = job(RevokeSelector::Destination(dest));
+    again.expired_only = true;
+    assert_not_found(
+        store
+            .revocation_create(&again, None, event("revocation.requested", &t))
+            .await,
+        "no expired grants",
+    );
+    assert!(store.revocation_get(&again.id).await.unwrap().is_none());
+    assert_eq!(chain_tail(store).await.0, head);
 }

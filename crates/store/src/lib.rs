@@ -225,8 +225,13 @@ pub trait Store: Send + Sync + 'static {
     /// [`ConfigKind::DenyEntry`], bumping the configuration generation), and append
     /// `audit` with `detail.matched` set to the number of grants matched.
     ///
+    /// With [`NewRevocationJob::expired_only`], the active grants that have expired are
+    /// matched instead and marked `expired`; when there are none, nothing is written and
+    /// the result is [`StoreError::NotFound`].
+    ///
     /// # Errors
-    /// [`StoreError::Conflict`] if the job ID exists; [`StoreError::Unavailable`].
+    /// [`StoreError::Conflict`] if the job ID exists; [`StoreError::NotFound`] as above;
+    /// [`StoreError::Unavailable`].
     async fn revocation_create(
         &self,
         job: &NewRevocationJob,

@@ -298,6 +298,10 @@ pub struct NewRevocationJob {
     pub now: UnixTime,
     /// Now, milliseconds.
     pub now_ms: i64,
+    /// Match the active grants that have already expired (`expires_at <= now`) instead
+    /// of the unexpired ones, and mark them `expired` rather than `revoked`: the
+    /// clean-up of credentials that leave state at their destination (database roles).
+    pub expired_only: bool,
 }
 
 /// Where a job is.

@@ -110,8 +110,9 @@
 //! # Revocation
 //! [`Revocability::Immediate`]: once revoke returns, the role cannot log in, its sessions
 //! have ended and it no longer exists. `VALID UNTIL` only limits password logins and ends
-//! no session, so a grant that expires without being revoked leaves its role behind
-//! (unable to log in with its password) until lanyard revokes it; leftover roles are
+//! no session, so an expired grant's role is revoked by lanyard's expiry sweep
+//! ([`Destination::revoke_at_expiry`] is true here: a revocation job per sweep, with
+//! receipts, `[revocation] expiry_sweep_interval`). Roles left behind by other means are
 //! found with `SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE
 //! rolname LIKE 'lanyard\_%'`. The password and `VALID UNTIL` are only checked when
 //! `pg_hba.conf` asks for a password (`scram-sha-256`, `md5`) for these roles; under
@@ -967,6 +968,12 @@ impl Destination for PostgresDestination {
 
     fn revocability(&self) -> Revocability {
         Revocability::Immediate
+    }
+
+    /// An expired grant's role stays (unable to log in with its password, sessions
+    /// still open) until it is revoked, so lanyard revokes it once the grant expires.
+    fn revoke_at_expiry(&self) -> bool {
+        true
     }
 
     async fn issue(&self, req: IssueRequest<'_>) -> Result<Issued> {
