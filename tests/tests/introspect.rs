@@ -302,3 +302,67 @@ async fn clients_must_prove_themselves_and_foreign_or_garbage_tokens_are_inactiv
     assert_eq!(a.status, 200);
     assert_eq!(a.body["active"], true);
 }
+
+/// The gRPC form answers as the HTTP one: claims for a listed client, only
+/// `active=false` for everyone else and after revocation, and the client token's reason
+/// when it is refused; a distrusted issuer's tokens authenticate nobody.
+#[tokio::test]
+async fn the_grpc_introspect_call_answers_like_the_endpoint() {
+    let issuer = TestIssuer::start(KeyAlg::Es256).await;
+    let l = start_with_rs(&issuer).await;
+    let (token, resp) = exchange(&l, &issuer, "run-grpc").await;
+    let mut c = l.exchange().await;
+    let ask = |client: String, token: String| pb::IntrospectRequest {
+        token,
+        client_token: client,
+        client_token_type: String::new(),
+    };
+    let active = c
+        .introspect(ask(platform_token(&issuer, "orders-api"), token.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(active.active);
+    assert_eq!(active.grant_id, resp.grant_id);
+    assert_eq!(active.destination, "orders");
+    assert_eq!(active.sub, format!("spiffe://lanyard.local/ci/builder"));
+    assert_eq!(active.token_type, "Bearer");
+    // Not listed: nothing but active=false.
+    let other = c
+        .introspect(ask(platform_token(&issuer, "someone-else"), token.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(other, pb::IntrospectResponse::default());
+    // A refused client token is an error with its reason.
+    let err = c
+        .introspect(ask("not.a.jwt".into(), token.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    // Revoked by an operator: inactive on the next call.
+    admin_cli_json(
+        &l,
+        &[
+            "revoke",
+            "--grant",
+            &resp.grant_id,
+            "--reason",
+            "introspection test",
+        ],
+    )
+    .await;
+    let revoked = c
+        .introspect(ask(platform_token(&issuer, "orders-api"), token.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!revoked.active);
+    // After the issuer is distrusted, its tokens authenticate no client.
+    admin_cli_json(&l, &["issuer", "distrust", "ci", "--reason", "test"]).await;
+    let err = c
+        .introspect(ask(platform_token(&issuer, "orders-api"), token))
+        .await
+        .unwrap_err();
+    assert_eq!(lanyard_testkit::reason(&err), "ISSUER_DISTRUSTED");
+}

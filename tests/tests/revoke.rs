@@ -256,6 +256,34 @@ async fn deny_entries_and_the_issuer_kill_switch() {
     assert!(err.message().contains("stolen") || err.message().contains("deny entry"));
     let denied = payloads_of(&l, "exchange.denied").await;
     assert_eq!(denied.last().unwrap()["reason"], "WORKLOAD_DENIED");
+    // The message names the entry, not why or until when.
+    assert!(
+        err.message().contains(&format!("workload:{W}builder")),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains("stolen"), "{}", err.message());
+    // A denied workload cannot act for another either (RFC 8693 actor_token).
+    let err = c
+        .exchange(pb::ExchangeRequest {
+            actor_token: issuer.mint(&claims(&issuer, "builder", "run-1")),
+            actor_token_type: "urn:ietf:params:oauth:token-type:jwt".into(),
+            ..exchange_req(
+                issuer.mint(&claims(&issuer, "bystander", "run-2")),
+                &["read"],
+            )
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "WORKLOAD_DENIED");
+    assert!(
+        err.message().starts_with("actor_token:"),
+        "{}",
+        err.message()
+    );
+    // A destination with active grants cannot be deleted out from under them.
+    let (ok, _, stderr) = admin_cli(&l, &["destination", "delete", "orders"]).await;
+    assert!(!ok && stderr.contains("active grants"), "{stderr}");
     // Other workloads are unaffected.
     grant(&l, &issuer, "bystander", "run-3").await;
     // The entry is listed, then lifted.
@@ -284,6 +312,25 @@ async fn deny_entries_and_the_issuer_kill_switch() {
     assert_eq!(reason(&err), "ISSUER_DISTRUSTED");
     let list = admin_cli_json(&l, &["deny", "list"]).await;
     assert!(list["entries"][0]["expires_at"].is_null(), "until lifted");
+    // A later, shorter deny for the same issuer does not shorten the kill switch.
+    admin_cli_json(
+        &l,
+        &[
+            "revoke",
+            "--issuer",
+            "ci",
+            "--reason",
+            "again",
+            "--deny-for",
+            "1m",
+        ],
+    )
+    .await;
+    let list = admin_cli_json(&l, &["deny", "list"]).await;
+    assert!(
+        list["entries"][0]["expires_at"].is_null(),
+        "still until lifted"
+    );
     let (ok, _, stderr) = admin_cli(&l, &["issuer", "distrust", "nope", "--reason", "x"]).await;
     assert!(!ok && stderr.contains("NOT_FOUND"), "{stderr}");
     admin_cli_json(&l, &["deny", "lift", "issuer:ci"]).await;

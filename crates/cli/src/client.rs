@@ -164,8 +164,14 @@ pub async fn admin_channel(path: &Path) -> anyhow::Result<Channel> {
 /// # Errors
 /// As [`admin_channel`].
 pub async fn admin_client(path: &Path) -> anyhow::Result<AdminServiceClient<Channel>> {
-    Ok(AdminServiceClient::new(admin_channel(path).await?))
+    // A revocation job's receipts list every grant they cover (5,000 per receipt at
+    // most), so `revoke status --receipts` of a large job is a large message.
+    Ok(AdminServiceClient::new(admin_channel(path).await?)
+        .max_decoding_message_size(ADMIN_MAX_MESSAGE))
 }
+
+/// The largest admin response the CLI accepts.
+pub const ADMIN_MAX_MESSAGE: usize = 256 * 1024 * 1024;
 
 /// An audit client over the socket.
 ///

@@ -236,13 +236,14 @@ pub async fn show_stream(
                 emit("")?;
                 emit(&destinations_table(&summary.destinations))?;
             }
-            if summary.failed > 0 {
-                output::note(&format!(
-                    "{} grant(s) failed at their destination and are being retried; follow with: lanyard revoke status {} --follow",
-                    summary.failed, summary.job_id
-                ));
-            }
         }
+    }
+    if summary.failed > 0 {
+        anyhow::bail!(
+            "{} grant(s) failed at their destination and are being retried; follow with: lanyard revoke status {} --follow",
+            summary.failed,
+            summary.job_id
+        );
     }
     Ok(())
 }

@@ -193,6 +193,11 @@ async fn check(
     if grant.destination != claims.lanyard.destination || grant.workload_id != claims.sub {
         return Ok(Err(Inactive::GrantMismatch));
     }
+    // A grant issued by a replica that had not yet seen a deny entry stays active until
+    // the straggler sweep revokes it; it is refused here already.
+    if rt.deny_check(&grant.workload_id, &grant.issuer).is_some() {
+        return Ok(Err(Inactive::GrantNotActive));
+    }
     Ok(Ok(Introspection {
         active: true,
         scope: claims.scope,

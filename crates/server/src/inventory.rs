@@ -22,6 +22,10 @@ use crate::runtime::{Runtime, narrow_scopes};
 const VOLATILE: &[&str] = &["exp", "iat", "nbf", "jti", "auth_time"];
 /// Workloads whose last written claims this server remembers.
 const MEMORY: usize = 100_000;
+/// A workload's claims are written at most this often: a workload that alternates
+/// between tokens with different claims (several tasks at once) must not cost a write
+/// per exchange.
+const REWRITE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The claims worth recording: all but the per-token ones.
 pub fn stable_claims(
@@ -35,10 +39,11 @@ pub fn stable_claims(
 }
 
 /// What this server last wrote per workload (a hash of issuer, rule and stable
-/// claims), so unchanged claims cost one hash per exchange and no write.
+/// claims, and when), so unchanged claims cost one hash per exchange and no write, and
+/// changed ones at most one write per [`REWRITE_AFTER`].
 #[derive(Default)]
 pub struct SeenCache {
-    last: Arc<Mutex<HashMap<String, u64>>>,
+    last: Arc<Mutex<HashMap<String, (u64, std::time::Instant)>>>,
 }
 
 impl SeenCache {
@@ -58,13 +63,15 @@ impl SeenCache {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            if last.get(workload.id.as_str()) == Some(&digest) {
-                return;
+            match last.get(workload.id.as_str()) {
+                Some((d, _)) if *d == digest => return,
+                Some((_, at)) if at.elapsed() < REWRITE_AFTER => return,
+                _ => {}
             }
             if last.len() >= MEMORY {
                 last.clear();
             }
-            last.insert(workload.id.to_string(), digest);
+            last.insert(workload.id.to_string(), (digest, std::time::Instant::now()));
         }
         let seen = WorkloadSeen {
             workload_id: workload.id.to_string(),

@@ -9,6 +9,11 @@ use lanyard_destination_postgres::PostgresDestination;
 
 /// Adapter kinds this build knows.
 pub const KINDS: &[&str] = &["jwt", "postgres"];
+/// Kinds whose expired grants must be revoked at the destination (their
+/// `revoke_at_expiry` is true): the expiry sweep leaves their grants to clean-up jobs,
+/// decided by the stored kind so that a replica that could not build the adapter does
+/// not expire them either.
+pub const REVOKED_AT_EXPIRY: &[&str] = &["postgres"];
 
 /// Validate a spec and build its adapter.
 ///

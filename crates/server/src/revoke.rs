@@ -168,19 +168,13 @@ impl DenyEntry {
         self.expires_at.is_none_or(|t| t > now)
     }
 
-    /// The refusal, if this entry covers a workload proved by `issuer`.
+    /// The refusal, if this entry covers a workload proved by `issuer`. The message
+    /// names the entry (the operator's handle) but not why, until when, or which job:
+    /// the caller may be the one it is meant to stop.
     pub fn refuses(&self, workload: &str, issuer: &str, now: i64) -> Option<ApiError> {
         if !self.active(now) {
             return None;
         }
-        let until = match self.expires_at {
-            Some(t) => format!(
-                "until {}",
-                chrono::DateTime::from_timestamp(t, 0)
-                    .map_or_else(|| t.to_string(), |d| d.to_rfc3339())
-            ),
-            None => "until an operator lifts it".to_string(),
-        };
         let hit = match self.kind.as_str() {
             "workload" => workload == self.value,
             "workload_prefix" => workload.starts_with(&self.value),
@@ -193,21 +187,29 @@ impl DenyEntry {
         Some(if self.kind == "issuer" {
             ApiError::new(
                 ReasonCode::IssuerDistrusted,
-                format!(
-                    "issuer {} is distrusted ({until}; revocation {})",
-                    self.value, self.job_id
-                ),
+                format!("issuer {} is distrusted by an operator", self.value),
             )
         } else {
             ApiError::new(
                 ReasonCode::WorkloadDenied,
                 format!(
-                    "workload {workload} is denied by deny entry {} ({until}; revocation {})",
-                    self.name(),
-                    self.job_id
+                    "workload {workload} is denied by an operator (deny entry {})",
+                    self.name()
                 ),
             )
         })
+    }
+
+    /// This entry merged with the one it replaces: the longer denial wins (no expiry is
+    /// longest), so a later, shorter `--deny-for` never shortens a kill switch.
+    pub fn merged_with(mut self, earlier: &DenyEntry, now: i64) -> Self {
+        if earlier.active(now) {
+            self.expires_at = match (earlier.expires_at, self.expires_at) {
+                (None, _) | (_, None) => None,
+                (Some(a), Some(b)) => Some(a.max(b)),
+            };
+        }
+        self
     }
 }
 
@@ -310,11 +312,17 @@ impl Runtime {
             "selector": {"kind": input.selector.kind(), "value": value},
             "reason": reason,
         });
-        if let Some(d) = &deny {
-            ev.detail["deny_entry"] = json!({"name": d.name(), "expires_at": d.expires_at});
-        }
         if input.expired_only {
             ev.detail["expired_only"] = json!(true);
+        }
+        let deny = deny.map(
+            |d| match self.snapshot().deny.iter().find(|e| e.name() == d.name()) {
+                Some(earlier) => d.merged_with(earlier, now),
+                None => d,
+            },
+        );
+        if let Some(d) = &deny {
+            ev.detail["deny_entry"] = json!({"name": d.name(), "expires_at": d.expires_at});
         }
         let deny_obj = match &deny {
             Some(d) => Some(NewConfigObject {
@@ -431,6 +439,28 @@ pub async fn expiry_cleanup(rt: &Runtime) {
             }
         }
     }
+}
+
+/// The stored destinations whose kind is revoked at expiry
+/// ([`crate::registry::REVOKED_AT_EXPIRY`]): the plain expiry sweep leaves their grants
+/// to [`expiry_cleanup`].
+///
+/// # Errors
+/// When the store cannot be read.
+pub async fn kept_at_expiry(rt: &Runtime) -> Result<Vec<String>, StoreError> {
+    Ok(rt
+        .store
+        .config_list(ConfigKind::Destination)
+        .await?
+        .into_iter()
+        .filter(|o| {
+            o.spec
+                .get("kind")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|k| crate::registry::REVOKED_AT_EXPIRY.contains(&k))
+        })
+        .map(|o| o.name)
+        .collect())
 }
 
 /// How long after a deny entry is written the sweep for stragglers runs: every replica
@@ -553,8 +583,12 @@ async fn work_job(rt: &Arc<Runtime>, job: RevocationJob) -> Result<(), StoreErro
                     .revocation_record(&rt.revocations.owner, &id, until, &[], &[])
                     .await
                 {
+                    // Keep trying: a transient store error must not let the lease lapse;
+                    // a lost lease (Conflict) ends the pass at its next write anyway.
                     tracing::warn!(job = %id, error = %e, "renewing the revocation lease failed");
-                    return;
+                    if matches!(e, StoreError::Conflict(_)) {
+                        return;
+                    }
                 }
             }
         })
@@ -638,15 +672,32 @@ async fn work_destination(
         };
         next = fetch(last.grant_id.clone());
         let Some(entry) = &entry else {
+            // Deleted, or stored but not loaded here (its settings did not build on this
+            // server, or it is newer than this server's configuration): only a deleted
+            // one is final.
+            let stored = rt
+                .store
+                .config_get(ConfigKind::Destination, &destination)
+                .await?
+                .is_some();
+            let now_ms = rt.clock.now_unix_millis();
             let outcomes = steps
                 .iter()
-                .map(|s| StepOutcome {
-                    state: StepState::ExpiresAt,
-                    detail:
-                        "the destination is no longer configured; the credential expires by itself"
-                            .into(),
-                    expires_at: Some(s.expires_at),
-                    retry_at_ms: None,
+                .map(|s| {
+                    if stored {
+                        failed(
+                            s,
+                            "the destination is configured but not loaded on this server (see its log); retried".into(),
+                            now_ms,
+                        )
+                    } else {
+                        StepOutcome {
+                            state: StepState::ExpiresAt,
+                            detail: "the destination was deleted; the credential expires by itself".into(),
+                            expires_at: Some(s.expires_at),
+                            retry_at_ms: None,
+                        }
+                    }
                 })
                 .collect();
             record(&rt, &job, &destination, &steps, outcomes, &next_seq).await?;
@@ -693,7 +744,16 @@ async fn work_destination(
                         expires_at: Some(at),
                         retry_at_ms: None,
                     },
-                    Err(e) => failed(&s, e.to_string(), now_ms),
+                    Err(e) => {
+                        let retryable = matches!(
+                            e,
+                            DestinationError::Upstream {
+                                retryable: true,
+                                ..
+                            }
+                        );
+                        failed_with(&s, e.to_string(), now_ms, retryable)
+                    }
                 });
                 done.push(s);
             }
@@ -770,11 +830,21 @@ async fn revoke_one(
     }
 }
 
+/// A failed step, retried after exponential backoff from its attempts so far; an error
+/// the destination says will not go away by itself waits the longest backoff.
 fn failed(step: &RevocationStep, detail: String, now_ms: i64) -> StepOutcome {
+    failed_with(step, detail, now_ms, true)
+}
+
+fn failed_with(step: &RevocationStep, detail: String, now_ms: i64, retryable: bool) -> StepOutcome {
     let exp = u32::try_from(step.attempts.clamp(0, 16)).unwrap_or(16);
-    let backoff = FIRST_BACKOFF
-        .saturating_mul(2u32.saturating_pow(exp))
-        .min(MAX_BACKOFF);
+    let backoff = if retryable {
+        FIRST_BACKOFF
+            .saturating_mul(2u32.saturating_pow(exp))
+            .min(MAX_BACKOFF)
+    } else {
+        MAX_BACKOFF
+    };
     StepOutcome {
         state: StepState::Failed,
         detail,
@@ -896,11 +966,9 @@ async fn record(
         .revocation_record(&rt.revocations.owner, &job.id, until, &receipts, &events)
         .instrument(crate::telemetry::store_commit_span("revocation.record"))
         .await;
-    if let Err(e) = written {
-        // Nothing was written: give the numbers back.
-        *seq -= i64::try_from(receipts.len()).unwrap_or(0);
-        return Err(e);
-    }
+    // On an error the numbers are not handed back: the commit may have happened with
+    // only its acknowledgement lost, and a gap in `seq` is harmless to followers.
+    written?;
     drop(seq);
     for r in &receipts {
         rt.metrics
@@ -931,10 +999,15 @@ pub type RevokeStream = std::pin::Pin<
 const FOLLOW_PAGE: u32 = 200;
 
 /// Follow a job: `job` first, then every receipt from the first one as it is written,
-/// then a summary once no step is pending (every grant attempted once). Reads the
-/// store, so it follows work done by any replica; woken by this server's writes and
-/// otherwise polls every half second. Ends early when the client goes away.
-pub fn follow(rt: Arc<Runtime>, job: lanyard_proto::v1::RevocationJob) -> RevokeStream {
+/// then a summary: once no step is pending (every grant attempted once; failed ones are
+/// still being retried), or with `until_done` once the job is done (every step final).
+/// Reads the store, so it follows work done by any replica; woken by this server's
+/// writes and otherwise polls every half second. Ends early when the client goes away.
+pub fn follow(
+    rt: Arc<Runtime>,
+    job: lanyard_proto::v1::RevocationJob,
+    until_done: bool,
+) -> RevokeStream {
     use lanyard_proto::v1 as pb;
     use pb::revoke_event::Event;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::RevokeEvent, tonic::Status>>(64);
@@ -986,7 +1059,15 @@ pub fn follow(rt: Arc<Runtime>, job: lanyard_proto::v1::RevocationJob) -> Revoke
                     Ok(p) => p,
                     Err(e) => return fail(e).await,
                 };
-                if progress.iter().all(|p| p.pending == 0) {
+                let finished = if until_done {
+                    match rt.store.revocation_get(&id).await {
+                        Ok(j) => j.is_none_or(|j| j.state == JobState::Done),
+                        Err(e) => return fail(e).await,
+                    }
+                } else {
+                    progress.iter().all(|p| p.pending == 0)
+                };
+                if finished {
                     // Receipts committed between the two reads come first.
                     match rt.store.revocation_receipts(&id, after, u32::MAX).await {
                         Ok(rs) => {

@@ -334,6 +334,13 @@ impl Runtime {
             .identify(token, token_type)
             .await
             .map_err(|(e, _)| ApiError::new(e.reason, format!("actor_token: {}", e.message)))?;
+        // A denied actor (or one from a distrusted issuer) acts for nobody.
+        if let Some(e) = self.deny_check(actor.id.as_str(), &actor.issuer) {
+            return Err(ApiError::new(
+                e.reason,
+                format!("actor_token: {}", e.message),
+            ));
+        }
         if actor.id == subject.id {
             return Err(ApiError::new(
                 ReasonCode::DelegationDenied,

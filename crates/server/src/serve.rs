@@ -436,9 +436,16 @@ async fn background(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
                 // first (a job takes them from active to expired), then the rest are
                 // marked expired.
                 crate::revoke::expiry_cleanup(&rt).await;
+                let keep = match crate::revoke::kept_at_expiry(&rt).await {
+                    Ok(k) => k,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "expiry sweep skipped: destinations could not be read");
+                        continue;
+                    }
+                };
                 let now = rt.clock.now_unix();
                 loop {
-                    match rt.store.grant_expire_due(now, 1000).await {
+                    match rt.store.grant_expire_due(now, 1000, &keep).await {
                         Ok(1000) => continue,
                         Ok(_) => break,
                         Err(e) => { tracing::warn!(error = %e, "expiry sweep failed"); break; }

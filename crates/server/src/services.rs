@@ -352,6 +352,7 @@ impl AdminSvc {
         Ok(crate::revoke::follow(
             self.rt.clone(),
             convert::job_to_pb(&job, &[], deny_entry),
+            false,
         ))
     }
 
@@ -604,7 +605,37 @@ impl AdminService for AdminSvc {
     async fn delete_destination(&self, req: Request<pb::DeleteRequest>) -> Rpc<pb::DeleteResponse> {
         let ctx = ctx_of(&req);
         let name = req.into_inner().name;
-        self.delete_object(&ctx, ConfigKind::Destination, &name)
+        let result = async {
+            // Its grants could no longer be revoked there: revoke them first.
+            let active = self
+                .rt
+                .store
+                .grant_list(
+                    &GrantFilter {
+                        destination: Some(name.clone()),
+                        status: Some(GrantStatus::Active),
+                        ..GrantFilter::default()
+                    },
+                    &PageRequest {
+                        limit: 1,
+                        cursor: None,
+                    },
+                )
+                .await?;
+            if !active.items.is_empty() {
+                return Err(ApiError::new(
+                    ReasonCode::Conflict,
+                    format!(
+                        "destination {} still has active grants; revoke them first (lanyard revoke --destination {} --reason ...)",
+                        truncate(&name),
+                        truncate(&name)
+                    ),
+                ));
+            }
+            self.delete_object(&ctx, ConfigKind::Destination, &name)
+                .await
+        };
+        result
             .await
             .map(|()| respond(&ctx, pb::DeleteResponse { name }))
             .map_err(|e| fail(&ctx, e))
@@ -693,7 +724,7 @@ impl AdminService for AdminSvc {
         let id = req.into_inner().name;
         let result = async {
             let job = self.job_pb(&id).await?;
-            Ok::<_, ApiError>(crate::revoke::follow(self.rt.clone(), job))
+            Ok::<_, ApiError>(crate::revoke::follow(self.rt.clone(), job, true))
         }
         .await;
         result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))

@@ -596,7 +596,7 @@ impl Store for PgStore {
         Ok(grant)
     }
 
-    async fn grant_expire_due(&self, now: UnixTime, limit: u32) -> Result<u64> {
+    async fn grant_expire_due(&self, now: UnixTime, limit: u32, keep: &[String]) -> Result<u64> {
         // SKIP LOCKED: replicas sweeping at once take disjoint rows, and a grant being
         // renewed or revoked right now is left for the next sweep. The CTE runs once;
         // as an `IN (subquery)` the planner may rescan the subquery and exceed the
@@ -606,6 +606,7 @@ impl Store for PgStore {
             "WITH due AS MATERIALIZED ( \
                  SELECT id FROM grants \
                  WHERE status = 'active' AND expires_at <= $1 \
+                   AND NOT (destination = ANY($3)) \
                  ORDER BY expires_at LIMIT $2 \
                  FOR UPDATE SKIP LOCKED) \
              UPDATE grants SET status = 'expired', finished_at = grants.expires_at \
@@ -613,6 +614,7 @@ impl Store for PgStore {
         )
         .bind(now)
         .bind(i64::from(limit))
+        .bind(keep)
         .execute(&self.pool)
         .await
         .map_err(db)?;

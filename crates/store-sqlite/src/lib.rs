@@ -702,16 +702,18 @@ impl Store for SqliteStore {
         Ok(grant)
     }
 
-    async fn grant_expire_due(&self, now: UnixTime, limit: u32) -> Result<u64> {
+    async fn grant_expire_due(&self, now: UnixTime, limit: u32, keep: &[String]) -> Result<u64> {
         // `finished_at` is when the grant stopped being valid, not when the sweep ran.
         let done = sqlx::query(
             "UPDATE grants SET status = 'expired', finished_at = expires_at \
              WHERE id IN (SELECT id FROM grants \
                           WHERE status = 'active' AND expires_at <= ?1 \
+                            AND destination NOT IN (SELECT value FROM json_each(?3)) \
                           ORDER BY expires_at LIMIT ?2)",
         )
         .bind(now)
         .bind(limit_i64(limit))
+        .bind(to_json_list(keep))
         .execute(&self.writer)
         .await
         .map_err(db)?;

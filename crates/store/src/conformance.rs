@@ -960,8 +960,14 @@ async fn grant_expire_due_in_batches(store: &dyn Store) {
         expires_at: SWEEP_AT,
         ..grant(&w, "iss", "dst", None)
     };
+    // A destination whose expired grants are left to its own clean-up.
+    let kept_dest = format!("kept-{t}");
+    let kept = GrantRecord {
+        expires_at: SWEEP_AT,
+        ..grant(&w, "iss", &kept_dest, None)
+    };
     let mut all = due.clone();
-    all.extend([later.clone(), released.clone()]);
+    all.extend([later.clone(), released.clone(), kept.clone()]);
     insert(store, &all).await;
     let released = store
         .grant_finish(
@@ -974,8 +980,9 @@ async fn grant_expire_due_in_batches(store: &dyn Store) {
         .unwrap();
 
     let now = SWEEP_AT + 100;
+    let keep = [kept_dest.clone()];
     assert_eq!(
-        store.grant_expire_due(now, 2).await.unwrap(),
+        store.grant_expire_due(now, 2, &keep).await.unwrap(),
         2,
         "a sweep marks up to its limit"
     );
@@ -985,7 +992,7 @@ async fn grant_expire_due_in_batches(store: &dyn Store) {
             round < 1000,
             "the sweep never finishes: it keeps finding the same rows"
         );
-        let n = store.grant_expire_due(now, 2).await.unwrap();
+        let n = store.grant_expire_due(now, 2, &keep).await.unwrap();
         assert!(n <= 2);
         total += n;
         if n < 2 {
@@ -994,9 +1001,14 @@ async fn grant_expire_due_in_batches(store: &dyn Store) {
     }
     assert!(total >= 5, "the sweep found only {total} of 5 due grants");
     assert_eq!(
-        store.grant_expire_due(now, 100).await.unwrap(),
+        store.grant_expire_due(now, 100, &keep).await.unwrap(),
         0,
         "nothing left to sweep"
+    );
+    assert_eq!(
+        status_of(store, &kept.id).await,
+        GrantStatus::Active,
+        "kept"
     );
 
     for g in &due {

@@ -151,7 +151,10 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`].
-    async fn grant_expire_due(&self, now: UnixTime, limit: u32) -> Result<u64>;
+    ///
+    /// Grants of the destinations in `keep` are left alone: their expiry is handled by
+    /// revocation jobs that remove the credential at the destination first.
+    async fn grant_expire_due(&self, now: UnixTime, limit: u32, keep: &[String]) -> Result<u64>;
 
     /// Number of active (unexpired at `now`) grants, optionally for one workload.
     ///

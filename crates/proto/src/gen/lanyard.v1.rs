@@ -1993,7 +1993,9 @@ pub mod admin_service_client {
                 .insert(GrpcMethod::new("lanyard.v1.AdminService", "Revoke"));
             self.inner.server_streaming(req, path, codec).await
         }
-        /// Follow a revocation job from its first receipt: the same stream as Revoke.
+        /// Follow a revocation job from its first receipt: the same events as Revoke, but the
+        /// summary comes only once the job is done (every failed step retried to a final
+        /// outcome), so it may take as long as a destination stays down.
         pub async fn watch_revocation(
             &mut self,
             request: impl tonic::IntoRequest<super::GetRequest>,
@@ -2476,7 +2478,9 @@ pub mod admin_service_server {
             >
             + std::marker::Send
             + 'static;
-        /// Follow a revocation job from its first receipt: the same stream as Revoke.
+        /// Follow a revocation job from its first receipt: the same events as Revoke, but the
+        /// summary comes only once the job is done (every failed step retried to a final
+        /// outcome), so it may take as long as a destination stays down.
         async fn watch_revocation(
             &self,
             request: tonic::Request<super::GetRequest>,
