@@ -673,6 +673,11 @@ pub struct BenchArgs {
     /// workload to its last receipt (with the server's CPU time and peak memory).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000), conflicts_with = "audit_chain")]
     pub revoke: Option<u64>,
+    /// Instead of the exchange path: seed N grants over N/1000 workloads (one in ten
+    /// active) into a fresh embedded store and time `lanyard inventory` of one workload
+    /// and a filtered grant listing.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1000..=100_000_000), conflicts_with_all = ["audit_chain", "revoke"])]
+    pub inventory: Option<u64>,
 }
 
 /// Parse `KEY=VALUE` (split at the first `=`; the key must not be empty).

@@ -72,6 +72,9 @@ pub async fn bench(g: &GlobalArgs, a: &BenchArgs) -> anyhow::Result<()> {
     if let Some(n) = a.revoke {
         return revoke::run(g, n).await;
     }
+    if let Some(n) = a.inventory {
+        return revoke::inventory(g, n).await;
+    }
     if let Some(n) = a.audit_chain {
         return audit_chain(g, n).await;
     }

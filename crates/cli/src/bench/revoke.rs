@@ -34,6 +34,21 @@ const GOAL: Duration = Duration::from_secs(2);
 
 /// Write `n` active grants of [`WORKLOAD`] into a fresh store at `path`.
 async fn seed(path: &Path, n: u64) -> anyhow::Result<()> {
+    seed_spread(path, n, 1).await
+}
+
+/// The workload of grant `i` when grants are spread over `workloads` workloads (the
+/// first is [`WORKLOAD`]).
+fn workload_of(i: u64, workloads: u64) -> String {
+    match i % workloads {
+        0 => WORKLOAD.to_owned(),
+        k => format!("{WORKLOAD}-{k}"),
+    }
+}
+
+/// Write `n` grants spread over `workloads` workloads; one in ten is active, the rest
+/// released, as on a store that has been running a while.
+async fn seed_spread(path: &Path, n: u64, workloads: u64) -> anyhow::Result<()> {
     let store = SqliteStore::open(path)
         .await
         .context("creating the store")?;
@@ -47,7 +62,7 @@ async fn seed(path: &Path, n: u64) -> anyhow::Result<()> {
                 GrantRecord {
                     revocation_handle: format!("{:032x}", written + i),
                     id,
-                    workload_id: WORKLOAD.into(),
+                    workload_id: workload_of(written + i, workloads),
                     issuer: "dev".into(),
                     trust_rule: "dev".into(),
                     task_id: Some(format!("run-{}", (written + i) / 100)),
@@ -56,7 +71,11 @@ async fn seed(path: &Path, n: u64) -> anyhow::Result<()> {
                     actor_chain: Vec::new(),
                     issued_at: now,
                     expires_at: now + 3600,
-                    status: GrantStatus::Active,
+                    status: if workloads == 1 || (written + i) % 10 == 0 {
+                        GrantStatus::Active
+                    } else {
+                        GrantStatus::Released
+                    },
                     finished_at: None,
                     renew_count: 0,
                 }
@@ -236,6 +255,105 @@ pub async fn run(g: &GlobalArgs, n: u64) -> anyhow::Result<()> {
                 } else {
                     "NOT met".into()
                 },
+            ),
+        ]))?,
+    }
+    Ok(())
+}
+
+/// `lanyard bench --inventory N`: N grants over N/1000 workloads (one in ten active),
+/// then time `AdminService.Inventory` of one workload and a filtered grant listing.
+///
+/// # Errors
+/// When seeding or the server fails.
+pub async fn inventory(g: &GlobalArgs, n: u64) -> anyhow::Result<()> {
+    let machine = Machine::read();
+    let workloads = (n / 1000).max(1);
+    let dir = tempfile::Builder::new()
+        .prefix("lanyard-bench-inventory-")
+        .tempdir()
+        .context("creating a throwaway directory")?;
+    note(&format!(
+        "bench: seeding {n} grants over {workloads} workloads"
+    ));
+    seed_spread(&dir.path().join("lanyard.db"), n, workloads).await?;
+    let (mut server, ready) = DevServer::start(dir.path()).await?;
+    let result = async {
+        let mut admin = crate::client::admin_client(&ready.admin).await?;
+        let mut times = Vec::new();
+        let mut grants = 0;
+        for _ in 0..20 {
+            let t0 = Instant::now();
+            let r = admin
+                .inventory(pb::InventoryRequest {
+                    workload_id: WORKLOAD.into(),
+                    page_size: 100,
+                    ..Default::default()
+                })
+                .await
+                .context("Inventory")?
+                .into_inner();
+            times.push(t0.elapsed());
+            grants = r.grants.len();
+        }
+        times.sort();
+        let t0 = Instant::now();
+        let listed = admin
+            .list_grants(pb::ListGrantsRequest {
+                workload_prefix: format!("{WORKLOAD}-9"),
+                status: "active".into(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .context("ListGrants")?
+            .into_inner()
+            .grants
+            .len();
+        let prefix = t0.elapsed();
+        Ok::<_, anyhow::Error>((times, grants, listed, prefix))
+    }
+    .await;
+    let stop = server.stop().await;
+    let (times, grants, listed, prefix) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            server.report_stderr();
+            return Err(e);
+        }
+    };
+    stop.context("stopping the server")?;
+    let ms = |d: Duration| round_to(d.as_secs_f64() * 1000.0, 2);
+    let (p50, max) = (times[times.len() / 2], times[times.len() - 1]);
+    match g.output {
+        OutputFormat::Json => emit_json(&json!({
+            "command": command_line(),
+            "machine": {"nproc": machine.nproc, "cpu_model": machine.cpu_model, "kernel": machine.kernel},
+            "grants": n, "workloads": workloads,
+            "inventory_p50_ms": ms(p50), "inventory_max_ms": ms(max), "inventory_grants": grants,
+            "list_by_prefix_ms": ms(prefix), "list_by_prefix_grants": listed,
+        }))?,
+        OutputFormat::Table => emit(&kv_table(&[
+            ("command", command_line()),
+            (
+                "machine",
+                format!("{} CPUs, {}", machine.nproc, machine.cpu_model),
+            ),
+            (
+                "store",
+                format!("{n} grants, {workloads} workloads, 1 in 10 active"),
+            ),
+            (
+                "inventory (one workload, page of 100)",
+                format!(
+                    "p50 {:.2} ms, max {:.2} ms over 20 calls ({grants} active grants)",
+                    ms(p50),
+                    ms(max)
+                ),
+            ),
+            (
+                "grants list --workload-prefix --status active",
+                format!("{:.2} ms ({listed} grants)", ms(prefix)),
             ),
         ]))?,
     }
