@@ -71,7 +71,7 @@ async fn seed_spread(path: &Path, n: u64, workloads: u64) -> anyhow::Result<()> 
                     actor_chain: Vec::new(),
                     issued_at: now,
                     expires_at: now + 3600,
-                    status: if workloads == 1 || (written + i) % 10 == 0 {
+                    status: if workloads == 1 || (written + i).is_multiple_of(10) {
                         GrantStatus::Active
                     } else {
                         GrantStatus::Released
