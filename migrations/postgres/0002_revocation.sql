@@ -14,7 +14,10 @@ CREATE TABLE revocation_jobs (
     next_run_at     BIGINT NOT NULL,
     lease_owner     TEXT,
     lease_until     BIGINT NOT NULL DEFAULT 0,
-    receipts        BIGINT NOT NULL DEFAULT 0
+    receipts        BIGINT NOT NULL DEFAULT 0,
+    -- When set: the job matches its selector once more at this time (grants other
+    -- replicas issued before they saw its deny entry), then clears it.
+    sweep_at        BIGINT
 );
 -- Workers look for running jobs that are due.
 CREATE INDEX revocation_jobs_due ON revocation_jobs (next_run_at) WHERE state = 'running';

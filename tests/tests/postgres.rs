@@ -120,6 +120,105 @@ async fn two_replicas_share_one_postgres_database() {
     assert!(v.checked >= 6, "{v:?}");
 }
 
+/// A revocation with a deny entry made through one replica reaches grants the other
+/// replica issued before it saw the entry: the job's sweep takes them in, and the
+/// revoked workload's tokens are refused by both once they have reloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_entry_sweeps_grants_another_replica_issued_meanwhile() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let issuer = TestIssuer::start(KeyAlg::Es256).await;
+    let opts = LanyardOptions {
+        policy: Some(POLICY.into()),
+        postgres_url: Some(url),
+        extra_config: "[revocation]\npoll_interval = \"100ms\"\n".into(),
+        ..Default::default()
+    };
+    let a = Lanyard::start(opts.clone()).await;
+    let b = Lanyard::start(opts).await;
+    configure(&a, &issuer, Keys::JwksUrl, KeyAlg::Es256, false).await;
+    let mut cb = b.exchange().await;
+    eventually("replica B serves the destination configured on A", || {
+        let mut cb = cb.clone();
+        let token = issuer.mint(&claims(&issuer, "builder", "run-1"));
+        async move { cb.exchange(exchange_req(token, &["read"])).await.ok() }
+    })
+    .await;
+    let mut stream = a
+        .admin()
+        .await
+        .revoke(pb::RevokeRequest {
+            selector: Some(pb::RevokeSelector {
+                selector: Some(pb::revoke_selector::Selector::WorkloadId(
+                    "spiffe://lanyard.local/ci/builder".into(),
+                )),
+            }),
+            reason: "replicas".into(),
+            deny_seconds: 3600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let job = match stream.message().await.unwrap().unwrap().event {
+        Some(pb::revoke_event::Event::Job(j)) => j,
+        other => panic!("expected the job, got {other:?}"),
+    };
+    // Right away, B has most likely not reloaded yet and still issues.
+    let late = cb
+        .exchange(exchange_req(
+            issuer.mint(&claims(&issuer, "builder", "run-2")),
+            &["read"],
+        ))
+        .await;
+    match late {
+        Ok(resp) => {
+            let id = resp.into_inner().grant_id;
+            eventually("the sweep revokes the grant B issued meanwhile", || {
+                let (a, id) = (&a, id.clone());
+                async move {
+                    let g = a
+                        .admin()
+                        .await
+                        .get_grant(pb::GetRequest { name: id })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    (g.status == "revoked").then_some(())
+                }
+            })
+            .await;
+        }
+        Err(e) => assert_eq!(lanyard_testkit::reason(&e), "WORKLOAD_DENIED"),
+    }
+    let done = eventually("the job finishes after its sweep", || {
+        let (a, id) = (&a, job.id.clone());
+        async move {
+            let r = a
+                .admin()
+                .await
+                .get_revocation(pb::GetRevocationRequest {
+                    job_id: id,
+                    include_receipts: false,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let j = r.job.unwrap();
+            (j.state == "done").then_some(j)
+        }
+    })
+    .await;
+    assert!(done.matched >= 1);
+    let err = eventually("B refuses the workload too", || {
+        let mut cb = cb.clone();
+        let token = issuer.mint(&claims(&issuer, "builder", "run-3"));
+        async move { cb.exchange(exchange_req(token, &["read"])).await.err() }
+    })
+    .await;
+    assert_eq!(lanyard_testkit::reason(&err), "WORKLOAD_DENIED");
+}
+
 /// A PostgreSQL server of this test's own, so it can be stopped and started.
 struct OwnPostgres {
     root: String,

@@ -342,6 +342,11 @@ impl Runtime {
             now,
             now_ms,
             expired_only: input.expired_only,
+            // Grants other replicas issue before their next configuration poll shows them
+            // the deny entry are taken into the job by a sweep, which the job waits for.
+            sweep_at_ms: deny
+                .is_some()
+                .then(|| now_ms.saturating_add(lease_ms(SWEEP_DELAY))),
         };
         let created = self
             .store
@@ -463,69 +468,9 @@ pub async fn kept_at_expiry(rt: &Runtime) -> Result<Vec<String>, StoreError> {
         .collect())
 }
 
-/// How long after a deny entry is written the sweep for stragglers runs: every replica
+/// How long after a deny entry is written its job sweeps for stragglers: every replica
 /// reloads its configuration (and so its deny entries) at least this often, twice over.
 pub const SWEEP_DELAY: Duration = Duration::from_secs(5);
-
-/// After [`SWEEP_DELAY`], revoke grants matching `job`'s selector that replicas issued
-/// before they saw its deny entry (a new job, only if there are any). Best effort: a
-/// restart in between skips it, and the log says so at startup of the job.
-pub fn schedule_sweep(rt: Arc<Runtime>, job: RevocationJob, deny_entry: String) {
-    tokio::spawn(async move {
-        tokio::time::sleep(SWEEP_DELAY).await;
-        let still = rt
-            .snapshot()
-            .deny
-            .iter()
-            .any(|d| d.job_id == job.id && d.active(rt.clock.now_unix()));
-        if !still {
-            return;
-        }
-        let mut filter = lanyard_store::GrantFilter {
-            status: Some(lanyard_store::GrantStatus::Active),
-            ..lanyard_store::GrantFilter::default()
-        };
-        match &job.selector {
-            RevokeSelector::Workload(w) => filter.workload_id = Some(w.clone()),
-            RevokeSelector::WorkloadPrefix(p) => filter.workload_prefix = Some(p.clone()),
-            RevokeSelector::Issuer(i) => filter.issuer = Some(i.clone()),
-            _ => return,
-        }
-        let page = lanyard_store::PageRequest {
-            limit: 1,
-            cursor: None,
-        };
-        match rt.store.grant_list(&filter, &page).await {
-            Ok(p) if p.items.is_empty() => {}
-            Ok(_) => {
-                let ctx = RequestCtx {
-                    request_id: uuid::Uuid::new_v4().simple().to_string(),
-                    operator: Some(format!("sweep:{}", job.id)),
-                };
-                let input = RevokeInput {
-                    selector: job.selector.clone(),
-                    reason: format!(
-                        "sweep after {}: grants issued before every replica saw deny entry {deny_entry}",
-                        job.id
-                    ),
-                    deny: None,
-                    expired_only: false,
-                };
-                match rt.revoke_start(input, &ctx).await {
-                    Ok((j, _)) => {
-                        tracing::warn!(job = %j.id, matched = j.matched, "revoked grants issued while a deny entry was propagating")
-                    }
-                    Err(e) => {
-                        tracing::error!(job = %job.id, error = %e.message, "the straggler sweep failed; revoke again by hand")
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(job = %job.id, error = %e, "the straggler sweep failed; revoke again by hand")
-            }
-        }
-    });
-}
 
 /// Run the revocation worker until `shutdown` resolves: take due jobs (written here,
 /// by another replica, or left by a crashed worker) and work them.
@@ -567,6 +512,17 @@ pub async fn run_worker(rt: Arc<Runtime>, shutdown: impl std::future::Future<Out
 /// One pass over a leased job: every destination with due steps, concurrently; then
 /// give the lease back (the job is done, or due again at its next retry).
 async fn work_job(rt: &Arc<Runtime>, job: RevocationJob) -> Result<(), StoreError> {
+    if let Some(at) = job.sweep_at_ms
+        && at <= rt.clock.now_unix_millis()
+    {
+        let added = rt
+            .store
+            .revocation_sweep(&rt.revocations.owner, &job.id, rt.clock.now_unix())
+            .await?;
+        if added > 0 {
+            tracing::warn!(job = %job.id, added, "the sweep took in grants issued while the deny entry was propagating");
+        }
+    }
     let destinations = rt.store.revocation_destinations(&job.id).await?;
     let lease = rt.revocations.settings().lease;
     let next_seq = Arc::new(Mutex::new(job.receipts + 1));
@@ -1082,7 +1038,13 @@ pub fn follow(
                         Err(e) => return fail(e).await,
                     }
                     let (revoked, expires_at, failed, _) = totals(&progress);
-                    let state = if failed == 0 { "done" } else { "running" };
+                    // Running while failed steps are retried or a sweep is still due.
+                    let state = match rt.store.revocation_get(&id).await {
+                        Ok(Some(j)) if j.state == JobState::Done => "done",
+                        Ok(Some(j)) if failed == 0 && j.sweep_at_ms.is_none() => "done",
+                        Ok(_) => "running",
+                        Err(e) => return fail(e).await,
+                    };
                     let matched = progress.iter().map(DestinationProgress::total).sum::<u64>();
                     let c = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
                     let _ = send(Event::Summary(pb::RevokeSummary {

@@ -646,7 +646,21 @@ impl Runtime {
         ev.detail["ttl_secs"] = json!(ttl.as_secs());
         ev.detail["expires_at"] = json!(issued.expires_at);
         ev.detail["trust_rule"] = json!(workload.rule);
-        self.committer.commit(Some(grant.clone()), ev).await?;
+        if let Err(e) = self.committer.commit(Some(grant.clone()), ev).await {
+            // Nothing records the credential: take it back at the destination (a
+            // database role would otherwise outlive everything), then fail.
+            let undo = dest.adapter.revoke(RevokeRequest {
+                grant_id: &grant.id,
+                revocation_handle: &grant.revocation_handle,
+                workload_id: &grant.workload_id,
+                expires_at: grant.expires_at,
+                now,
+            });
+            if let Err(r) = undo.await {
+                tracing::error!(grant = %grant.id, destination = %grant.destination, error = %r, "a credential issued for a grant that could not be stored was not revoked at its destination; revoke it by hand");
+            }
+            return Err(e);
+        }
         // A deny entry written while this exchange was in flight (after the check above,
         // before the commit) did not see this grant: revoke it now and hand nothing out.
         if let Some(e) = self.deny_check(workload.id.as_str(), &workload.issuer) {

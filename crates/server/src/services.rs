@@ -345,9 +345,6 @@ impl AdminSvc {
                 ctx,
             )
             .await?;
-        if let Some(name) = &deny_entry {
-            crate::revoke::schedule_sweep(self.rt.clone(), job.clone(), name.clone());
-        }
         // The job as stored; per-destination counts come with the receipts and summary.
         Ok(crate::revoke::follow(
             self.rt.clone(),

@@ -16,7 +16,7 @@ use crate::rows::count;
 use crate::{append_events, bump_generation, write_config};
 
 const JOB_COLUMNS: &str = "id, selector_kind, selector_value, reason, requested_by, created_at, \
-     matched, state, finished_at, next_run_at, receipts";
+     matched, state, finished_at, next_run_at, receipts, sweep_at";
 const STEP_COLUMNS: &str = "job_id, grant_id, destination, workload_id, revocation_handle, \
      expires_at, state, attempts, next_attempt_at, detail";
 const RECEIPT_COLUMNS: &str = "job_id, seq, destination, outcome, grant_ids, expires_at, detail, \
@@ -64,8 +64,8 @@ pub(crate) async fn create(
 ) -> Result<RevocationJob> {
     sqlx::query(
         "INSERT INTO revocation_jobs (id, selector_kind, selector_value, reason, requested_by, \
-             created_at, matched, state, next_run_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 0, 'running', $6)",
+             created_at, matched, state, next_run_at, sweep_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 0, 'running', $6, $7)",
     )
     .bind(&job.id)
     .bind(job.selector.kind())
@@ -73,6 +73,7 @@ pub(crate) async fn create(
     .bind(&job.reason)
     .bind(&job.requested_by)
     .bind(job.now_ms)
+    .bind(job.sweep_at_ms)
     .execute(&mut *conn)
     .await
     .map_err(|e| map_err(e, || format!("revocation job {} already exists", job.id)))?;
@@ -110,8 +111,8 @@ pub(crate) async fn create(
     let matched_i = i64::try_from(matched).map_err(|e| corrupt("matched", e))?;
     let row = sqlx::query(AssertSqlSafe(format!(
         "UPDATE revocation_jobs SET matched = $2, \
-             state = CASE WHEN $2 = 0 THEN 'done' ELSE 'running' END, \
-             finished_at = CASE WHEN $2 = 0 THEN created_at ELSE NULL END \
+             state = CASE WHEN $2 = 0 AND sweep_at IS NULL THEN 'done' ELSE 'running' END, \
+             finished_at = CASE WHEN $2 = 0 AND sweep_at IS NULL THEN created_at ELSE NULL END \
          WHERE id = $1 RETURNING {JOB_COLUMNS}"
     )))
     .bind(&job.id)
@@ -327,6 +328,58 @@ pub(crate) async fn record(
     append_events(&mut *conn, events).await
 }
 
+pub(crate) async fn sweep(
+    conn: &mut PgConnection,
+    owner: &str,
+    job_id: &str,
+    now: i64,
+) -> Result<u64> {
+    let job = sqlx::query(
+        "SELECT selector_kind, selector_value FROM revocation_jobs \
+         WHERE id = $1 AND lease_owner = $2 AND state = 'running' FOR UPDATE",
+    )
+    .bind(job_id)
+    .bind(owner)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?
+    .ok_or_else(|| {
+        StoreError::Conflict(format!(
+            "revocation job {job_id} is no longer leased to {owner}"
+        ))
+    })?;
+    let kind: String = job.try_get("selector_kind").map_err(db)?;
+    let value: String = job.try_get("selector_value").map_err(db)?;
+    let selector = RevokeSelector::from_parts(&kind, value)
+        .ok_or_else(|| StoreError::Corrupt(format!("job {job_id}: selector kind {kind:?}")))?;
+    let sql = format!(
+        "WITH revoked AS ( \
+             UPDATE grants SET status = 'revoked', finished_at = $3 \
+             WHERE {} AND status = 'active' AND expires_at > $3 \
+             RETURNING id, destination, workload_id, revocation_handle, expires_at) \
+         INSERT INTO revocation_steps \
+             (job_id, grant_id, destination, workload_id, revocation_handle, expires_at, state) \
+         SELECT $1, id, destination, workload_id, revocation_handle, expires_at, 'pending' \
+         FROM revoked ON CONFLICT DO NOTHING",
+        selector_clause(&selector)
+    );
+    let added = sqlx::query(AssertSqlSafe(sql))
+        .bind(job_id)
+        .bind(selector.value())
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?
+        .rows_affected();
+    sqlx::query("UPDATE revocation_jobs SET sweep_at = NULL, matched = matched + $2 WHERE id = $1")
+        .bind(job_id)
+        .bind(i64::try_from(added).map_err(|e| corrupt("added", e))?)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    Ok(added)
+}
+
 pub(crate) async fn release(
     conn: &mut PgConnection,
     owner: &str,
@@ -344,8 +397,17 @@ pub(crate) async fn release(
     .await
     .map_err(db)?;
     let n: i64 = todo.try_get("n").map_err(db)?;
-    let due: Option<i64> = todo.try_get("due").map_err(db)?;
-    let row = if n == 0 {
+    let mut due: Option<i64> = todo.try_get("due").map_err(db)?;
+    let sweep_at: Option<i64> =
+        sqlx::query_scalar("SELECT sweep_at FROM revocation_jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?;
+    if let Some(at) = sweep_at {
+        due = Some(due.map_or(at, |d| d.min(at)));
+    }
+    let row = if n == 0 && sweep_at.is_none() {
         let row = sqlx::query(AssertSqlSafe(format!(
             "UPDATE revocation_jobs SET state = 'done', finished_at = $2, lease_owner = NULL, \
                  lease_until = 0 WHERE id = $1 RETURNING {JOB_COLUMNS}"
@@ -418,6 +480,7 @@ fn job_row(row: &PgRow) -> Result<RevocationJob> {
         finished_at_ms: row.try_get("finished_at").map_err(db)?,
         next_run_at_ms: row.try_get("next_run_at").map_err(db)?,
         receipts: row.try_get("receipts").map_err(db)?,
+        sweep_at_ms: row.try_get("sweep_at").map_err(db)?,
         id,
     })
 }

@@ -950,6 +950,13 @@ impl Store for SqliteStore {
         Ok(seqs)
     }
 
+    async fn revocation_sweep(&self, owner: &str, job_id: &str, now: UnixTime) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let added = revocation::sweep(&mut tx, owner, job_id, now).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(added)
+    }
+
     async fn revocation_release(
         &self,
         owner: &str,

@@ -54,6 +54,7 @@ pub async fn run_all(store: &dyn Store) {
     revocation_selectors(store).await;
     revocation_leases(store).await;
     revocation_of_expired_grants(store).await;
+    revocation_sweep(store).await;
     workloads_seen(store).await;
 }
 
@@ -1462,6 +1463,7 @@ fn job(selector: RevokeSelector) -> NewRevocationJob {
         now: NOW,
         now_ms: NOW * 1000,
         expired_only: false,
+        sweep_at_ms: None,
     }
 }
 
@@ -2020,4 +2022,96 @@ async fn revocation_of_expired_grants(store: &dyn Store) {
     );
     assert!(store.revocation_get(&again.id).await.unwrap().is_none());
     assert_eq!(chain_tail(store).await.0, head);
+}
+
+/// A job with a sweep stays running until the sweep has run; the sweep adds the grants
+/// that match the selector by then and marks them revoked.
+async fn revocation_sweep(store: &dyn Store) {
+    let t = tag();
+    let w = workload(&t, "swept");
+    let dest = format!("sw-{t}");
+    let first = grant(&w, "iss", &dest, None);
+    insert(store, std::slice::from_ref(&first)).await;
+    let sweep_at = NOW * 1000 + 20_000_000;
+    let mut j = job(RevokeSelector::Workload(w.clone()));
+    j.sweep_at_ms = Some(sweep_at);
+    let created = store
+        .revocation_create(&j, None, event("revocation.requested", &t))
+        .await
+        .unwrap();
+    assert_eq!(created.sweep_at_ms, Some(sweep_at));
+    let owner = format!("sweeper-{t}");
+    let claim = |at: i64| {
+        let owner = owner.clone();
+        let id = j.id.clone();
+        async move {
+            for _ in 0..100 {
+                match store
+                    .revocation_claim(&owner, at, at + 30_000)
+                    .await
+                    .unwrap()
+                {
+                    Some(c) if c.id == id => return Some(c),
+                    Some(_) => continue,
+                    None => return None,
+                }
+            }
+            None
+        }
+    };
+    let now = NOW * 1000 + 19_000_000;
+    assert!(claim(now).await.is_some());
+    let r1 = receipt(
+        &j.id,
+        1,
+        &dest,
+        StepState::Revoked,
+        vec![first.id.to_string()],
+        None,
+    );
+    store
+        .revocation_record(&owner, &j.id, now + 30_000, &[r1], &[])
+        .await
+        .unwrap();
+    let after = store
+        .revocation_release(&owner, &j.id, now, event("revocation.completed", &t))
+        .await
+        .unwrap();
+    assert_eq!(after.state, JobState::Running, "the sweep is still to come");
+    assert_eq!(after.next_run_at_ms, sweep_at);
+    // A grant issued meanwhile (by a replica that had not seen the deny entry).
+    let late = grant(&w, "iss", &dest, None);
+    insert(store, std::slice::from_ref(&late)).await;
+    assert!(claim(sweep_at).await.is_some());
+    assert_eq!(store.revocation_sweep(&owner, &j.id, NOW).await.unwrap(), 1);
+    assert_eq!(status_of(store, &late.id).await, GrantStatus::Revoked);
+    let got = store.revocation_get(&j.id).await.unwrap().unwrap();
+    assert_eq!((got.matched, got.sweep_at_ms), (2, None));
+    let due = store
+        .revocation_steps_due(&j.id, &dest, sweep_at, "", 10)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].grant_id, late.id.as_str());
+    assert_conflict(
+        store.revocation_sweep("not-the-owner", &j.id, NOW).await,
+        "a sweep without the lease",
+    );
+    let r2 = receipt(
+        &j.id,
+        2,
+        &dest,
+        StepState::Revoked,
+        vec![late.id.to_string()],
+        None,
+    );
+    store
+        .revocation_record(&owner, &j.id, sweep_at + 30_000, &[r2], &[])
+        .await
+        .unwrap();
+    let done = store
+        .revocation_release(&owner, &j.id, sweep_at, event("revocation.completed", &t))
+        .await
+        .unwrap();
+    assert_eq!(done.state, JobState::Done);
 }

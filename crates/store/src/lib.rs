@@ -309,9 +309,20 @@ pub trait Store: Send + Sync + 'static {
         events: &[NewAuditEvent],
     ) -> Result<Vec<i64>>;
 
+    /// Run a job's sweep, fenced by the lease: the active, unexpired grants its selector
+    /// matches now (issued after the job was created, by servers that had not yet seen
+    /// its deny entry) become steps of the job and are marked revoked, `matched` grows,
+    /// and `sweep_at` is cleared. Returns how many were added.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] if `owner` no longer holds the lease;
+    /// [`StoreError::Unavailable`].
+    async fn revocation_sweep(&self, owner: &str, job_id: &str, now: UnixTime) -> Result<u64>;
+
     /// End a worker's pass over a job and give up its lease. When no step is pending or
-    /// failed the job becomes `done` at `now_ms` and `done_event` is appended; otherwise
-    /// it stays running, due at its earliest failed step's retry time.
+    /// failed and no sweep is due later, the job becomes `done` at `now_ms` and
+    /// `done_event` is appended; otherwise it stays running, due at its earliest failed
+    /// step's retry time or its sweep, whichever is first.
     ///
     /// # Errors
     /// [`StoreError::Conflict`] if `owner` no longer holds the lease;

@@ -302,6 +302,9 @@ pub struct NewRevocationJob {
     /// of the unexpired ones, and mark them `expired` rather than `revoked`: the
     /// clean-up of credentials that leave state at their destination (database roles).
     pub expired_only: bool,
+    /// Match the selector once more at this time, milliseconds (see
+    /// [`crate::Store::revocation_sweep`]); the job is not done before.
+    pub sweep_at_ms: Option<i64>,
 }
 
 /// Where a job is.
@@ -355,6 +358,8 @@ pub struct RevocationJob {
     pub next_run_at_ms: i64,
     /// Receipts written so far (their `seq` run 1..=receipts).
     pub receipts: i64,
+    /// A sweep still to run at this time, milliseconds.
+    pub sweep_at_ms: Option<i64>,
 }
 
 /// Where one grant's revocation is.
