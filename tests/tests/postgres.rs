@@ -10,19 +10,6 @@ use common::*;
 use lanyard_proto::v1 as pb;
 use lanyard_testkit::{KeyAlg, Lanyard, LanyardOptions, TestIssuer, eventually};
 
-/// The test server's URL, or `None` (test skipped) when there is none.
-fn pg_url() -> Option<String> {
-    let Ok(url) = std::env::var("LANYARD_TEST_PG_URL") else {
-        assert!(
-            std::env::var("LANYARD_REQUIRE_PG").is_err(),
-            "LANYARD_REQUIRE_PG is set but LANYARD_TEST_PG_URL is not"
-        );
-        eprintln!("skipped: LANYARD_TEST_PG_URL not set");
-        return None;
-    };
-    Some(url)
-}
-
 /// A fresh database on the test server, so runs never share state.
 async fn fresh_database() -> Option<String> {
     let url = pg_url()?;

@@ -382,18 +382,6 @@ async fn inventory_shows_what_a_workload_can_reach_and_holds() {
 
 // === PostgreSQL destination and kill -9 ===
 
-fn pg_url() -> Option<String> {
-    let Ok(url) = std::env::var("LANYARD_TEST_PG_URL") else {
-        assert!(
-            std::env::var("LANYARD_REQUIRE_PG").is_err(),
-            "LANYARD_REQUIRE_PG is set but LANYARD_TEST_PG_URL is not"
-        );
-        eprintln!("skipped: LANYARD_TEST_PG_URL not set");
-        return None;
-    };
-    Some(url)
-}
-
 async fn pg(url: &str) -> sqlx::PgConnection {
     use sqlx::Connection;
     sqlx::PgConnection::connect(url).await.unwrap()

@@ -289,3 +289,17 @@ pub async fn verify_receipt(l: &Lanyard, jws: &str) -> serde_json::Value {
         .unwrap()
         .claims
 }
+
+/// The test PostgreSQL server's URL (`.ci/pg-start.sh`), or `None` (the test is
+/// skipped) when there is none; with `LANYARD_REQUIRE_PG` set, a missing URL fails.
+pub fn pg_url() -> Option<String> {
+    let Ok(url) = std::env::var("LANYARD_TEST_PG_URL") else {
+        assert!(
+            std::env::var("LANYARD_REQUIRE_PG").is_err(),
+            "LANYARD_REQUIRE_PG is set but LANYARD_TEST_PG_URL is not"
+        );
+        eprintln!("skipped: LANYARD_TEST_PG_URL not set");
+        return None;
+    };
+    Some(url)
+}
