@@ -67,8 +67,15 @@ reasons! {
     PolicyDenied => "POLICY_DENIED",
     /// The destination is not configured.
     DestinationUnknown => "DESTINATION_UNKNOWN",
-    /// The destination could not issue or revoke.
+    /// The destination could not issue or revoke, for a reason that is neither a refusal
+    /// nor an outage (kept for receipts of failed revocations).
     DestinationFailed => "DESTINATION_FAILED",
+    /// The destination refused the request (its own error code, when safe to pass on, is
+    /// in the message); retrying the same request will not help.
+    DestinationRejected => "DESTINATION_REJECTED",
+    /// The destination could not be reached, timed out, or failed in a way a retry may
+    /// fix.
+    DestinationUnavailable => "DESTINATION_UNAVAILABLE",
     /// A requested scope is not offered by the destination.
     ScopeNotAllowed => "SCOPE_NOT_ALLOWED",
     /// The requested TTL is invalid.

@@ -86,12 +86,13 @@ pub fn code_for(reason: ReasonCode) -> Code {
         R::IssuerUnavailable
         | R::StoreUnavailable
         | R::DestinationFailed
+        | R::DestinationUnavailable
         | R::AuditDeliveryLagging => Code::Unavailable,
         R::DestinationUnknown | R::GrantNotFound | R::NotFound => Code::NotFound,
         R::ScopeNotAllowed | R::TtlInvalid | R::InvalidArgument | R::ConfigInvalid => {
             Code::InvalidArgument
         }
-        R::GrantNotActive | R::GrantRevoked => Code::FailedPrecondition,
+        R::GrantNotActive | R::GrantRevoked | R::DestinationRejected => Code::FailedPrecondition,
         R::RequestTooLarge => Code::ResourceExhausted,
         R::Conflict => Code::Aborted,
         R::Unimplemented => Code::Unimplemented,
@@ -152,10 +153,17 @@ impl From<DestinationError> for ApiError {
             }
             DestinationError::Upstream { message, retryable } => {
                 tracing::warn!(%message, retryable, "destination call failed");
-                ApiError::new(
-                    ReasonCode::DestinationFailed,
-                    format!("the destination failed: {message}"),
-                )
+                if retryable {
+                    ApiError::new(
+                        ReasonCode::DestinationUnavailable,
+                        format!("the destination is unavailable, retry later: {message}"),
+                    )
+                } else {
+                    ApiError::new(
+                        ReasonCode::DestinationRejected,
+                        format!("the destination refused: {message}"),
+                    )
+                }
             }
         }
     }

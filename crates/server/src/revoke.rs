@@ -667,14 +667,11 @@ async fn work_destination(
             let breaker = breaker.clone();
             async move {
                 let r = match breaker.open() {
-                    Some(err) => Err(DestinationError::Upstream {
-                        message: format!("not attempted: the destination is failing ({err})"),
-                        retryable: true,
-                    }),
+                    Some(err) => Attempt::Skipped(err),
                     None => {
                         let r = revoke_one(adapter, s.clone(), now).await;
                         breaker.observe(&r);
-                        r
+                        Attempt::Done(r)
                     }
                 };
                 (s, r)
@@ -686,21 +683,32 @@ async fn work_destination(
             let now_ms = rt.clock.now_unix_millis();
             let mut done = Vec::with_capacity(chunk.len());
             let mut outcomes = Vec::with_capacity(chunk.len());
+            let mut deferred: Vec<RevocationStep> = Vec::new();
             for (s, r) in chunk {
-                outcomes.push(match r {
-                    Ok(RevokeOutcome::Revoked { detail }) => StepOutcome {
+                let outcome = match r {
+                    // Already failed and said why in a receipt: only its retry time moves.
+                    Attempt::Skipped(_) if s.state == StepState::Failed => {
+                        deferred.push(s);
+                        continue;
+                    }
+                    Attempt::Skipped(err) => failed(
+                        &s,
+                        format!("not attempted: the destination is failing ({err})"),
+                        now_ms,
+                    ),
+                    Attempt::Done(Ok(RevokeOutcome::Revoked { detail })) => StepOutcome {
                         state: StepState::Revoked,
                         detail,
                         expires_at: None,
                         retry_at_ms: None,
                     },
-                    Ok(RevokeOutcome::ExpiresAt { at, detail }) => StepOutcome {
+                    Attempt::Done(Ok(RevokeOutcome::ExpiresAt { at, detail })) => StepOutcome {
                         state: StepState::ExpiresAt,
                         detail,
                         expires_at: Some(at),
                         retry_at_ms: None,
                     },
-                    Err(e) => {
+                    Attempt::Done(Err(e)) => {
                         let retryable = matches!(
                             e,
                             DestinationError::Upstream {
@@ -710,12 +718,32 @@ async fn work_destination(
                         );
                         failed_with(&s, e.to_string(), now_ms, retryable)
                     }
-                });
+                };
+                outcomes.push(outcome);
                 done.push(s);
             }
-            record(&rt, &job, &destination, &done, outcomes, &next_seq).await?;
+            if !done.is_empty() {
+                record(&rt, &job, &destination, &done, outcomes, &next_seq).await?;
+            }
+            if let Some(first) = deferred.first() {
+                let retry_at = failed(first, String::new(), now_ms)
+                    .retry_at_ms
+                    .unwrap_or(now_ms);
+                let ids: Vec<String> = deferred.iter().map(|s| s.grant_id.clone()).collect();
+                rt.store
+                    .revocation_defer(&rt.revocations.owner, &job.id, &destination, &ids, retry_at)
+                    .await?;
+            }
         }
     }
+}
+
+/// One step's call in a pass.
+enum Attempt {
+    /// The destination's breaker was open: not called (the breaker's last error).
+    Skipped(String),
+    /// Called.
+    Done(Result<RevokeOutcome, DestinationError>),
 }
 
 /// A circuit breaker for one destination in one pass: after [`BREAKER_THRESHOLD`]

@@ -950,6 +950,19 @@ impl Store for SqliteStore {
         Ok(seqs)
     }
 
+    async fn revocation_defer(
+        &self,
+        owner: &str,
+        job_id: &str,
+        destination: &str,
+        grant_ids: &[String],
+        retry_at_ms: i64,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        revocation::defer(&mut tx, owner, job_id, destination, grant_ids, retry_at_ms).await?;
+        tx.commit().await.map_err(db)
+    }
+
     async fn revocation_sweep(&self, owner: &str, job_id: &str, now: UnixTime) -> Result<u64> {
         let mut tx = self.begin().await?;
         let added = revocation::sweep(&mut tx, owner, job_id, now).await?;

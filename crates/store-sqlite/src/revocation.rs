@@ -344,6 +344,42 @@ pub(crate) async fn record(
     append_events(&mut *conn, events).await
 }
 
+pub(crate) async fn defer(
+    conn: &mut SqliteConnection,
+    owner: &str,
+    job_id: &str,
+    destination: &str,
+    grant_ids: &[String],
+    retry_at_ms: i64,
+) -> Result<()> {
+    let lease: Option<i64> = sqlx::query_scalar(
+        "SELECT lease_until FROM revocation_jobs WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'",
+    )
+    .bind(job_id)
+    .bind(owner)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    if lease.is_none() {
+        return Err(StoreError::Conflict(format!(
+            "revocation job {job_id} is no longer leased to {owner}"
+        )));
+    }
+    sqlx::query(
+        "UPDATE revocation_steps SET next_attempt_at = ?4 \
+         WHERE job_id = ?1 AND destination = ?2 \
+           AND grant_id IN (SELECT value FROM json_each(?3)) AND state = 'failed'",
+    )
+    .bind(job_id)
+    .bind(destination)
+    .bind(to_json_list(grant_ids))
+    .bind(retry_at_ms)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
 pub(crate) async fn sweep(
     conn: &mut SqliteConnection,
     owner: &str,

@@ -1687,6 +1687,29 @@ async fn revocation_job_lifecycle(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(again.len(), 1);
+    // Deferring a failed step moves its retry time only.
+    let a3_id = vec![a3.id.to_string()];
+    store
+        .revocation_defer(&owner, &new.id, &d2, &a3_id, retry_at + 99_000)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .revocation_steps_due(&new.id, &d2, retry_at, "", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_conflict(
+        store
+            .revocation_defer("someone-else", &new.id, &d2, &a3_id, retry_at)
+            .await,
+        "deferring without the lease",
+    );
+    store
+        .revocation_defer(&owner, &new.id, &d2, &a3_id, retry_at)
+        .await
+        .unwrap();
     assert_eq!(again[0].attempts, 1);
     assert_eq!(again[0].state, StepState::Failed);
     assert_eq!(again[0].detail, r2.detail);

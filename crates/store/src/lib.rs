@@ -309,6 +309,22 @@ pub trait Store: Send + Sync + 'static {
         events: &[NewAuditEvent],
     ) -> Result<Vec<i64>>;
 
+    /// Push back the retry time of failed steps that were not attempted in this pass
+    /// (their destination's circuit breaker was open), fenced by the lease, without a
+    /// receipt: their last receipt still says why they failed.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] if `owner` no longer holds the lease;
+    /// [`StoreError::Unavailable`].
+    async fn revocation_defer(
+        &self,
+        owner: &str,
+        job_id: &str,
+        destination: &str,
+        grant_ids: &[String],
+        retry_at_ms: i64,
+    ) -> Result<()>;
+
     /// Run a job's sweep, fenced by the lease: the active, unexpired grants its selector
     /// matches now (issued after the job was created, by servers that had not yet seen
     /// its deny entry) become steps of the job and are marked revoked, `matched` grows,
