@@ -256,6 +256,68 @@ async fn tour(ready: &Ready, data_dir: &Path) -> anyhow::Result<()> {
     );
 
     s.step(
+        "Revoke everything the workload holds, everywhere, with a signed receipt per destination",
+        &format!(
+            "lanyard revoke --admin-socket {adm} --workload {} --reason \"demo: key rotation drill\"",
+            granted.workload_id
+        ),
+    )?;
+    for _ in 0..2 {
+        c.exchange
+            .exchange(pb::ExchangeRequest {
+                subject_token: token.clone(),
+                destination: "dev-api".into(),
+                scopes: vec!["read".into()],
+                ..Default::default()
+            })
+            .await
+            .or_rpc_error(&c.grpc_target)
+            .context("an exchange before the revocation was refused")?;
+    }
+    let mut events = c
+        .admin
+        .revoke(pb::RevokeRequest {
+            selector: Some(pb::RevokeSelector {
+                selector: Some(pb::revoke_selector::Selector::WorkloadId(
+                    granted.workload_id.clone(),
+                )),
+            }),
+            reason: "demo: key rotation drill".into(),
+            deny_seconds: 0,
+        })
+        .await
+        .or_rpc_error(&c.admin_target)?;
+    let mut summary = None;
+    while let Some(ev) = futures::StreamExt::next(&mut events).await {
+        let ev = ev.map_err(|s| crate::client::rpc_error(s, &c.admin_target))?;
+        match ev.event {
+            Some(pb::revoke_event::Event::Job(j)) => emit(&format!(
+                "job {} stored: {} active grant(s) matched",
+                j.id, j.matched
+            ))?,
+            Some(pb::revoke_event::Event::Receipt(r)) => emit(&format!(
+                "receipt {}: {} {} for {} grant(s), signed ({} bytes of JWS)",
+                r.seq,
+                r.destination,
+                r.outcome,
+                r.grant_ids.len(),
+                r.signature.len()
+            ))?,
+            Some(pb::revoke_event::Event::Summary(sm)) => summary = Some(sm),
+            None => {}
+        }
+    }
+    let summary = summary.context("the revocation stream ended without a summary")?;
+    emit(&format!(
+        "summary: {} matched, {} revoked, {} failed ({})",
+        summary.matched, summary.revoked, summary.failed, summary.state
+    ))?;
+    anyhow::ensure!(
+        summary.matched == 2 && summary.revoked == 2,
+        "expected the 2 active grants to be revoked"
+    );
+
+    s.step(
         "Ask for a scope dev-api does not offer (admin): denied, with a stable reason",
         &format!("lanyard exchange --grpc {grpc_url} --token-file {tf} --destination dev-api --scope admin"),
     )?;
