@@ -10,6 +10,8 @@ use async_trait::async_trait;
 use lanyard_core::{GrantId, Scope, Secret, TaskId, Ttl, UnixTime, WorkloadId};
 use serde::{Deserialize, Serialize};
 
+pub mod http;
+
 /// Errors from a destination adapter.
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
