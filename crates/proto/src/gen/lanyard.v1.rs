@@ -1019,9 +1019,10 @@ pub struct Destination {
     /// Name workloads ask for, \[a-z0-9-\]{1,63}.
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
-    /// Adapter kind: "jwt" (lanyard-minted JWT for an internal API) or "postgres"
-    /// (dynamic database login roles; see docs/destinations/postgres.md); later "claude",
-    /// "openai", "aws-sts", "gcp-sts", "azure", "oauth2".
+    /// Adapter kind: "jwt" (lanyard-minted JWT for an internal API), "postgres" (dynamic
+    /// database login roles; docs/destinations/postgres.md) or "claude" (Claude API tokens
+    /// through Workload Identity Federation; docs/destinations/claude.md); later "openai",
+    /// "aws-sts", "gcp-sts", "azure", "oauth2".
     #[prost(string, tag = "2")]
     pub kind: ::prost::alloc::string::String,
     /// TTL when the request names none, seconds (default 900).
