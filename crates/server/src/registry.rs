@@ -6,10 +6,11 @@ use std::sync::Arc;
 use lanyard_destination::{Destination, DestinationError, DestinationSpec, TokenMinter};
 use lanyard_destination_claude::ClaudeDestination;
 use lanyard_destination_jwt::JwtDestination;
+use lanyard_destination_openai::OpenAiDestination;
 use lanyard_destination_postgres::PostgresDestination;
 
 /// Adapter kinds this build knows.
-pub const KINDS: &[&str] = &["jwt", "postgres", "claude"];
+pub const KINDS: &[&str] = &["jwt", "postgres", "claude", "openai"];
 /// Kinds whose expired grants must be revoked at the destination (their
 /// `revoke_at_expiry` is true): the expiry sweep leaves their grants to clean-up jobs,
 /// decided by the stored kind so that a replica that could not build the adapter does
@@ -30,6 +31,7 @@ pub fn build(
         "jwt" => Ok(Arc::new(JwtDestination::new(spec, minter)?)),
         "postgres" => Ok(Arc::new(PostgresDestination::new(spec)?)),
         "claude" => Ok(Arc::new(ClaudeDestination::new(spec, minter)?)),
+        "openai" => Ok(Arc::new(OpenAiDestination::new(spec, minter)?)),
         other => Err(DestinationError::InvalidSettings {
             kind: other.chars().take(64).collect(),
             message: format!(

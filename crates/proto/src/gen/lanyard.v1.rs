@@ -1021,8 +1021,8 @@ pub struct Destination {
     pub name: ::prost::alloc::string::String,
     /// Adapter kind: "jwt" (lanyard-minted JWT for an internal API), "postgres" (dynamic
     /// database login roles; docs/destinations/postgres.md) or "claude" (Claude API tokens
-    /// through Workload Identity Federation; docs/destinations/claude.md); later "openai",
-    /// "aws-sts", "gcp-sts", "azure", "oauth2".
+    /// through Workload Identity Federation; docs/destinations/claude.md) or "openai"
+    /// (docs/destinations/openai.md); later "aws-sts", "gcp-sts", "azure", "oauth2".
     #[prost(string, tag = "2")]
     pub kind: ::prost::alloc::string::String,
     /// TTL when the request names none, seconds (default 900).

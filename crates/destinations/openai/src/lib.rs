@@ -1,0 +1,432 @@
+//! The `openai` destination: lanyard mints a short-lived subject token for the workload
+//! and exchanges it at OpenAI's token endpoint (OpenAI workload identity federation, an
+//! RFC 8693 token exchange with two extra parameters) for an OpenAI access token.
+//! The protocol is the one written down in PROTOCOLS.md §2, from OpenAI's exchange
+//! reference and the official Python SDK (`openai/auth/_workload.py`).
+//!
+//! # Exchange (PROTOCOLS.md §2.1)
+//! ```text
+//! POST <token_url>                       (default https://auth.openai.com/oauth/token)
+//! Content-Type: application/json
+//!
+//! {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+//!  "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+//!  "subject_token": "<jwt>",
+//!  "identity_provider_id": "...", "service_account_id": "..."}
+//! ```
+//! No `scope` is sent: "A scope value in the request body doesn't grant access"; the
+//! permissions come from the provider's federation rule. The answer must carry
+//! `access_token` (string) and `expires_in` (positive), as the SDK requires; a 400, 401
+//! or 403 is an OAuth error. The credential is a [`Credential::Bearer`] sent as
+//! `Authorization: Bearer <token>`.
+//!
+//! # Subject token
+//! A JWS signed by lanyard's active key, header `{"alg", "kid", "typ": "JWT"}`, with the
+//! claims §2.1 requires: `iss` (lanyard's issuer URL, which the workload identity
+//! provider must name), `aud` (the provider's `audience`, one string), `sub` (the
+//! workload ID), `iat`, `exp` (`iat` + the grant's TTL, at most
+//! `max_subject_token_lifetime_secs`), a fresh `jti`, and `lanyard` =
+//! `{grant_id, destination}`. The token is useless at any other audience.
+//!
+//! # Settings
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `token_url` | `https://auth.openai.com/oauth/token` | https, or http only on loopback |
+//! | `identity_provider_id` | required | the workload identity provider registered for lanyard's issuer |
+//! | `service_account_id` | required | the service account the federation rule maps to |
+//! | `audience` | required | the provider's `audience`: the subject token's one `aud` |
+//! | `max_subject_token_lifetime_secs` | 900 | longest subject token lanyard mints, 60..=3600 |
+//! | `max_token_lifetime_secs` | unset | when set, an access token living longer is refused (`DESTINATION_REJECTED`) rather than handed out |
+//! | `timeout_secs` | 10 | per request, 1..=120 |
+//! | `max_response_bytes` | 1 MiB | 1024..=16 MiB |
+//! | `max_attempts` | 2 | 1..=5; each attempt mints a fresh subject token |
+//! | `breaker_threshold` / `breaker_cooldown_secs` | 5 / 30 | circuit breaker: fail fast after this many retryable failures in a row, for this long |
+//!
+//! Unknown keys are refused.
+//!
+//! # Lifetime and revocation (PROTOCOLS.md §2.3: UNCONFIRMED)
+//! OpenAI documents neither the access token's lifetime nor a revocation endpoint; a
+//! third-party tutorial reports that access tokens never outlive the subject token.
+//! lanyard therefore mints the subject token to expire with the grant, reports the
+//! expiry OpenAI states (`expires_in`), and answers a revocation with
+//! [`RevokeOutcome::ExpiresAt`] at that time: [`Revocability::AtExpiry`]. Set
+//! `max_token_lifetime_secs` to refuse tokens that would outlive what you accept.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lanyard_core::{Secret, SystemClock, UnixTime};
+use lanyard_destination::http::{self, Body, CircuitBreaker, ClientSettings, RetryPolicy};
+use lanyard_destination::{
+    Credential, Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
+    RevokeOutcome, RevokeRequest, TokenMinter,
+};
+use reqwest::header::HeaderMap;
+use reqwest::{Client, Url};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+/// The adapter kind this crate implements.
+pub const KIND: &str = "openai";
+/// RFC 8693 grant type.
+pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// The subject token's type.
+pub const SUBJECT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// RFC 8693 type of the credential handed out.
+pub const ISSUED_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// The documented token endpoint.
+pub const DEFAULT_TOKEN_URL: &str = "https://auth.openai.com/oauth/token";
+
+/// Adapter errors are [`DestinationError`]s.
+pub type Result<T, E = DestinationError> = std::result::Result<T, E>;
+
+/// The `settings` block of an `openai` destination (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiSettings {
+    /// Token endpoint.
+    #[serde(default = "default_token_url")]
+    pub token_url: String,
+    /// The workload identity provider for lanyard's issuer.
+    pub identity_provider_id: String,
+    /// The service account the federation rule maps to.
+    pub service_account_id: String,
+    /// The provider's audience.
+    pub audience: String,
+    /// Longest subject token lanyard mints, seconds.
+    #[serde(default = "default_subject_lifetime")]
+    pub max_subject_token_lifetime_secs: u64,
+    /// Refuse access tokens living longer than this, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_token_lifetime_secs: Option<u64>,
+    /// Per-request timeout, seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Largest answer read, bytes.
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: usize,
+    /// Attempts per exchange.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Retryable failures in a row that open the breaker.
+    #[serde(default = "default_breaker_threshold")]
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open, seconds.
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown_secs: u64,
+}
+
+fn default_token_url() -> String {
+    DEFAULT_TOKEN_URL.to_owned()
+}
+fn default_subject_lifetime() -> u64 {
+    900
+}
+fn default_timeout() -> u64 {
+    10
+}
+fn default_max_response() -> usize {
+    1 << 20
+}
+fn default_attempts() -> u32 {
+    2
+}
+fn default_breaker_threshold() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> u64 {
+    30
+}
+
+fn bad(message: String) -> DestinationError {
+    DestinationError::InvalidSettings {
+        kind: KIND.to_owned(),
+        message,
+    }
+}
+
+fn range(field: &str, v: u64, lo: u64, hi: u64) -> Result<()> {
+    if v < lo || v > hi {
+        return Err(bad(format!(
+            "settings.{field} must be {lo}..={hi}, not {v}"
+        )));
+    }
+    Ok(())
+}
+
+fn text(field: &str, v: &str) -> Result<()> {
+    if v.trim().is_empty() || v.len() > 512 || v.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "settings.{field} must be 1-512 characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl OpenAiSettings {
+    /// Parse and validate a `settings` block.
+    ///
+    /// # Errors
+    /// [`DestinationError::InvalidSettings`] naming the problem.
+    pub fn from_value(settings: &Value) -> Result<Self> {
+        let value = match settings {
+            Value::Null => Value::Object(Map::new()),
+            other => other.clone(),
+        };
+        let s: OpenAiSettings =
+            serde_json::from_value(value).map_err(|e| bad(format!("settings: {e}")))?;
+        http::check_endpoint(&s.token_url).map_err(|m| bad(format!("settings.token_url: {m}")))?;
+        text("identity_provider_id", &s.identity_provider_id)?;
+        text("service_account_id", &s.service_account_id)?;
+        text("audience", &s.audience)?;
+        range(
+            "max_subject_token_lifetime_secs",
+            s.max_subject_token_lifetime_secs,
+            60,
+            3600,
+        )?;
+        if let Some(m) = s.max_token_lifetime_secs {
+            range("max_token_lifetime_secs", m, 60, 86_400)?;
+        }
+        range("timeout_secs", s.timeout_secs, 1, 120)?;
+        range(
+            "max_response_bytes",
+            u64::try_from(s.max_response_bytes).unwrap_or(u64::MAX),
+            1024,
+            16 << 20,
+        )?;
+        range("max_attempts", u64::from(s.max_attempts), 1, 5)?;
+        range("breaker_threshold", u64::from(s.breaker_threshold), 1, 1000)?;
+        range("breaker_cooldown_secs", s.breaker_cooldown_secs, 1, 3600)?;
+        Ok(s)
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: u64,
+}
+
+/// An `openai` destination.
+pub struct OpenAiDestination {
+    name: String,
+    settings: OpenAiSettings,
+    token_url: Url,
+    client: Client,
+    breaker: CircuitBreaker,
+    retry: RetryPolicy,
+    minter: Arc<dyn TokenMinter>,
+}
+
+impl std::fmt::Debug for OpenAiDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiDestination")
+            .field("name", &self.name)
+            .field("settings", &self.settings)
+            .field("issuer", &self.minter.issuer_url())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenAiDestination {
+    /// Build the adapter from its spec.
+    ///
+    /// # Errors
+    /// [`DestinationError::InvalidSettings`].
+    pub fn new(spec: &DestinationSpec, minter: Arc<dyn TokenMinter>) -> Result<Self> {
+        if spec.kind != KIND {
+            return Err(bad(format!(
+                "destination {} has kind {:?}, not {KIND:?}",
+                spec.name, spec.kind
+            )));
+        }
+        spec.validate()?;
+        let settings = OpenAiSettings::from_value(&spec.settings)?;
+        let token_url = http::check_endpoint(&settings.token_url)
+            .map_err(|m| bad(format!("settings.token_url: {m}")))?;
+        let client = http::build_client(
+            KIND,
+            &ClientSettings::new(Duration::from_secs(settings.timeout_secs)),
+        )?;
+        let breaker = CircuitBreaker::new(
+            &format!("destination {}", spec.name),
+            settings.breaker_threshold,
+            Duration::from_secs(settings.breaker_cooldown_secs),
+            SystemClock::shared(),
+        );
+        let retry = RetryPolicy {
+            max_attempts: settings.max_attempts,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(2),
+        };
+        Ok(Self {
+            name: spec.name.clone(),
+            settings,
+            token_url,
+            client,
+            breaker,
+            retry,
+            minter,
+        })
+    }
+
+    /// The parsed settings.
+    pub fn settings(&self) -> &OpenAiSettings {
+        &self.settings
+    }
+
+    fn claims(&self, req: &IssueRequest<'_>, jti: &str, iat: UnixTime, life: u64) -> Value {
+        json!({
+            "iss": self.minter.issuer_url(),
+            "sub": req.workload.as_str(),
+            "aud": self.settings.audience,
+            "iat": iat,
+            "exp": iat.saturating_add(i64::try_from(life).unwrap_or(i64::MAX)),
+            "jti": jti,
+            "lanyard": {"grant_id": req.grant_id.as_str(), "destination": self.name},
+        })
+    }
+
+    async fn attempt(
+        &self,
+        req: &IssueRequest<'_>,
+        iat: UnixTime,
+        life: u64,
+    ) -> Result<(String, TokenResponse)> {
+        let jti = uuid::Uuid::new_v4().simple().to_string();
+        let subject: Secret = self
+            .minter
+            .mint(&self.claims(req, &jti, iat, life), "JWT")
+            .map_err(DestinationError::Mint)?;
+        let body = json!({
+            "grant_type": GRANT_TYPE,
+            "subject_token_type": SUBJECT_TOKEN_TYPE,
+            "subject_token": subject.expose(),
+            "identity_provider_id": self.settings.identity_provider_id,
+            "service_account_id": self.settings.service_account_id,
+        });
+        let raw = http::post(
+            &self.client,
+            &self.token_url,
+            HeaderMap::new(),
+            Body::Json(&body),
+            self.settings.max_response_bytes,
+        )
+        .await?;
+        let parsed: TokenResponse = http::parse_json(&raw, &self.token_url, "token response")?;
+        Ok((jti, parsed))
+    }
+}
+
+#[async_trait]
+impl Destination for OpenAiDestination {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn revocability(&self) -> Revocability {
+        Revocability::AtExpiry
+    }
+
+    async fn issue(&self, req: IssueRequest<'_>) -> Result<Issued> {
+        let life = req
+            .ttl
+            .as_secs()
+            .min(self.settings.max_subject_token_lifetime_secs);
+        let started = tokio::time::Instant::now();
+        let req_ref = &req;
+        let (jti, resp) = http::retry(self.retry, &self.breaker, |_attempt| {
+            let elapsed = i64::try_from(started.elapsed().as_secs()).unwrap_or(i64::MAX);
+            let iat = req_ref.now.saturating_add(elapsed);
+            async move { self.attempt(req_ref, iat, life).await }
+        })
+        .await?;
+        let host = http::host_of(&self.token_url);
+        let refuse = |message: String| DestinationError::Upstream {
+            message,
+            retryable: false,
+        };
+        if resp.access_token.is_empty() || resp.expires_in == 0 {
+            return Err(refuse(format!(
+                "{host} answered without an access_token or a positive expires_in"
+            )));
+        }
+        if let Some(max) = self.settings.max_token_lifetime_secs
+            && resp.expires_in > max
+        {
+            return Err(refuse(format!(
+                "{host} issued a token living {}s, more than max_token_lifetime_secs {max}s",
+                resp.expires_in
+            )));
+        }
+        let elapsed = i64::try_from(started.elapsed().as_secs().saturating_add(1)).unwrap_or(0);
+        let expires_at = req
+            .now
+            .saturating_add(elapsed)
+            .saturating_add(i64::try_from(resp.expires_in).unwrap_or(i64::MAX));
+        Ok(Issued {
+            credential: Credential::Bearer {
+                token: Secret::new(resp.access_token),
+                token_type: "Bearer".into(),
+                issued_token_type: ISSUED_TOKEN_TYPE.into(),
+                header: "authorization".into(),
+            },
+            expires_at,
+            revocation_handle: jti,
+        })
+    }
+
+    /// Nothing to call: no revocation endpoint is documented (PROTOCOLS.md §2.3). States
+    /// the residual lifetime. Revoking twice gives the same answer.
+    async fn revoke(&self, req: RevokeRequest<'_>) -> Result<RevokeOutcome> {
+        let residual = req.expires_at.saturating_sub(req.now).max(0);
+        Ok(RevokeOutcome::ExpiresAt {
+            at: req.expires_at,
+            detail: format!(
+                "OpenAI documents no revocation; lanyard issues no new token for this grant, and the issued one stays valid until it expires ({residual}s after revocation)"
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Value {
+        json!({"identity_provider_id": "idp_1", "service_account_id": "sa_1", "audience": "https://api.openai.com"})
+    }
+
+    #[test]
+    fn settings_defaults_and_errors() {
+        let s = OpenAiSettings::from_value(&base()).unwrap();
+        assert_eq!(s.token_url, DEFAULT_TOKEN_URL);
+        assert_eq!(s.max_subject_token_lifetime_secs, 900);
+        let with = |k: &str, v: Value| {
+            let mut b = base();
+            b.as_object_mut().unwrap().insert(k.into(), v);
+            b
+        };
+        for (v, want) in [
+            (json!({}), "missing field"),
+            (with("bogus", json!(1)), "unknown field"),
+            (
+                with("token_url", json!("http://auth.openai.com/oauth/token")),
+                "https",
+            ),
+            (with("audience", json!(" ")), "settings.audience"),
+            (
+                with("max_subject_token_lifetime_secs", json!(10)),
+                "60..=3600",
+            ),
+            (with("max_token_lifetime_secs", json!(10)), "60..=86400"),
+            (with("max_attempts", json!(0)), "1..=5"),
+        ] {
+            let msg = OpenAiSettings::from_value(&v).unwrap_err().to_string();
+            assert!(msg.contains(want), "{v}: {msg}");
+        }
+        OpenAiSettings::from_value(&with("token_url", json!("http://127.0.0.1:1/t"))).unwrap();
+    }
+}
