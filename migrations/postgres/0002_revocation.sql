@@ -30,7 +30,7 @@ CREATE TABLE revocation_steps (
     revocation_handle  TEXT    NOT NULL,
     expires_at         BIGINT NOT NULL,
     state              TEXT    NOT NULL
-        CHECK (state IN ('pending', 'revoked', 'expires_at', 'failed')),
+        CHECK (state IN ('pending', 'revoked', 'expires_at', 'failed', 'abandoned')),
     attempts           BIGINT NOT NULL DEFAULT 0,
     next_attempt_at    BIGINT NOT NULL DEFAULT 0,
     detail             TEXT    NOT NULL DEFAULT '',

@@ -836,3 +836,99 @@ async fn revocation_survives_kill_9_in_the_middle_of_fan_out() {
     drop(locker);
     fx.drop_all().await;
 }
+
+/// A destination that is configured but cannot be loaded on the server doing the work
+/// (its admin URL file is gone) fails its steps, which keep being retried, instead of
+/// signing them off; an operator can give up on them, and the job finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_steps_are_retried_until_an_operator_gives_up() {
+    let Some(url) = pg_url() else {
+        return;
+    };
+    let fx = PgFixture::new(&url).await;
+    let issuer = TestIssuer::start(KeyAlg::Es256).await;
+    let opts = LanyardOptions {
+        policy: Some(PG_POLICY.into()),
+        extra_config: "[revocation]\npoll_interval = \"100ms\"\n".into(),
+        ..Default::default()
+    };
+    let mut l = Lanyard::start(opts.clone()).await;
+    fx.configure(&l, &issuer).await;
+    let resp = l
+        .exchange()
+        .await
+        .exchange(pb::ExchangeRequest {
+            subject_token: issuer.mint(&claims(&issuer, "app", "run-1")),
+            destination: "app-db".into(),
+            scopes: vec!["db:read".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, role) = db_login(&resp);
+    // Restart without the admin URL: the destination is stored but cannot be built.
+    let data = {
+        l.keep_dir();
+        l.data_dir().to_path_buf()
+    };
+    assert_eq!(l.stop().await, Some(0));
+    std::fs::remove_file(&fx.url_file).unwrap();
+    let l = Lanyard::start(LanyardOptions {
+        data_dir: Some(data),
+        ..opts
+    })
+    .await;
+    let (ok, stdout, stderr) = admin_cli(
+        &l,
+        &[
+            "--output",
+            "json",
+            "revoke",
+            "--workload",
+            &format!("{W}app"),
+            "--reason",
+            "admin url lost",
+        ],
+    )
+    .await;
+    assert!(!ok, "a revocation with failures exits non-zero");
+    assert!(stderr.contains("being retried"), "{stderr}");
+    let out: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(out["summary"]["failed"], 1);
+    assert_eq!(out["summary"]["state"], "running");
+    let r = &out["receipts"][0];
+    assert_eq!(r["outcome"], "failed");
+    assert!(r["detail"].as_str().unwrap().contains("not loaded"), "{r}");
+    assert!(r["retry_at"].is_string());
+    assert!(fx.role_exists(&role).await, "nothing was signed off");
+    let job = out["job"]["id"].as_str().unwrap().to_owned();
+    // Give up.
+    let (ok, _, stderr) = admin_cli(&l, &["revoke", "abandon", &job]).await;
+    assert!(!ok && stderr.contains("--reason"), "{stderr}");
+    let j = admin_cli_json(
+        &l,
+        &[
+            "revoke",
+            "abandon",
+            &job,
+            "--reason",
+            "the database was decommissioned",
+        ],
+    )
+    .await;
+    assert_eq!(j["job"]["state"], "done");
+    assert_eq!(j["job"]["destinations"][0]["abandoned"], 1);
+    let abandoned = payloads_of(&l, "revocation.abandoned").await;
+    assert_eq!(abandoned[0]["detail"]["abandoned"], 1);
+    assert_eq!(
+        abandoned[0]["detail"]["reason"],
+        "the database was decommissioned"
+    );
+    let (ok, _, stderr) = admin_cli(&l, &["revoke", "abandon", &job, "--reason", "again"]).await;
+    assert!(!ok && stderr.contains("done"), "{stderr}");
+    let mut admin = pg(&url).await;
+    let role_name = role.clone();
+    fx.drop_all().await;
+    exec(&mut admin, &format!("DROP ROLE IF EXISTS \"{role_name}\"")).await;
+}

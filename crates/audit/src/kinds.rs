@@ -10,6 +10,7 @@
 //! | `revocation.requested` | an operator (or an issuer kill switch) started a revocation job: selector, reason, grants matched, deny entry |
 //! | `revocation.receipt` | a destination handled some of a job's grants: outcome, count, signed receipt's hash |
 //! | `revocation.completed` | every grant of a job reached a final outcome |
+//! | `revocation.abandoned` | an operator gave up on a job's failed steps |
 //! | `deny_entry.put` / `deny_entry.delete` | a deny entry was lifted (written with the job that creates one) |
 //! | `issuer.put` / `issuer.delete` | an issuer was registered, changed or removed (before/after) |
 //! | `trust_rule.put` / `trust_rule.delete` | the same for trust rules |
@@ -48,6 +49,8 @@ pub const REVOCATION_REQUESTED: &str = "revocation.requested";
 pub const REVOCATION_RECEIPT: &str = "revocation.receipt";
 /// Every grant of a revocation job reached a final outcome.
 pub const REVOCATION_COMPLETED: &str = "revocation.completed";
+/// An operator gave up on a revocation job's failed steps.
+pub const REVOCATION_ABANDONED: &str = "revocation.abandoned";
 /// An operator ran Explain.
 pub const ADMIN_EXPLAIN: &str = "admin.explain";
 /// A signed checkpoint of the chain head.

@@ -756,6 +756,18 @@ pub enum RevokeCommand {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Give up on a job's failed steps (they stay valid at the destination until they
+    /// expire); the job can then finish. Recorded in the audit stream.
+    Abandon {
+        /// Job ID (rvk_...).
+        job: String,
+        /// Only this destination's failed steps.
+        #[arg(long)]
+        destination: Option<String>,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 // === deny ===

@@ -131,6 +131,29 @@ pub async fn revoke(g: &GlobalArgs, a: &RevokeArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Some(RevokeCommand::Abandon {
+            job,
+            destination,
+            reason,
+        }) => {
+            let j = client
+                .abandon_revocation(pb::AbandonRevocationRequest {
+                    job_id: job.clone(),
+                    destination: destination.clone().unwrap_or_default(),
+                    reason: reason.clone(),
+                })
+                .await
+                .or_rpc_error(&target)?;
+            match g.output {
+                OutputFormat::Json => emit_json(&json!({"job": job_json(&j)}))?,
+                OutputFormat::Table => {
+                    emit(&kv_table(&job_rows(&j)))?;
+                    emit("")?;
+                    emit(&destinations_table(&j.destinations))?;
+                }
+            }
+            Ok(())
+        }
         None => {
             let Some(sel) = &a.selector else {
                 anyhow::bail!("say which grants to revoke (see lanyard revoke --help)");
@@ -282,6 +305,7 @@ fn destination_json(d: &pb::RevocationDestination) -> Value {
         "revoked": d.revoked,
         "expires_at": d.expires_at,
         "failed": d.failed,
+        "abandoned": d.abandoned,
         "latest_expiry": ts_json(d.latest_expiry.as_ref()),
     })
 }
@@ -341,6 +365,7 @@ fn destinations_table(ds: &[pb::RevocationDestination]) -> String {
             "revoked",
             "expires_at",
             "failed",
+            "abandoned",
             "pending",
             "residual lifetime",
         ],
@@ -360,6 +385,7 @@ fn destinations_table(ds: &[pb::RevocationDestination]) -> String {
                     d.revoked.to_string(),
                     d.expires_at.to_string(),
                     d.failed.to_string(),
+                    d.abandoned.to_string(),
                     d.pending.to_string(),
                     residual,
                 ]

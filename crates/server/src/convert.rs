@@ -332,6 +332,7 @@ pub fn progress_to_pb(p: &DestinationProgress) -> pb::RevocationDestination {
         expires_at: count32(p.expires_at),
         failed: count32(p.failed),
         latest_expiry: p.latest_expiry.and_then(ts),
+        abandoned: count32(p.abandoned),
     }
 }
 

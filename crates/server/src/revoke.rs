@@ -131,7 +131,7 @@ impl Revocations {
         }
     }
 
-    fn bump(&self) {
+    pub(crate) fn bump(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 }

@@ -792,6 +792,36 @@ impl AdminService for AdminSvc {
         result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
     }
 
+    async fn abandon_revocation(
+        &self,
+        req: Request<pb::AbandonRevocationRequest>,
+    ) -> Rpc<pb::RevocationJob> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = async {
+            let reason = r.reason.trim();
+            if reason.is_empty() {
+                return Err(ApiError::invalid(
+                    "a reason is required; it is recorded in the audit stream",
+                ));
+            }
+            let destination = Some(r.destination.as_str()).filter(|d| !d.is_empty());
+            let mut ev = self.rt.event_for(kinds::REVOCATION_ABANDONED, &ctx);
+            ev.decision = Some("abandon".into());
+            ev.destination = destination.map(str::to_owned);
+            ev.detail = json!({"job_id": r.job_id, "reason": truncate(reason)});
+            let now_ms = self.rt.clock.now_unix_millis();
+            self.rt
+                .store
+                .revocation_abandon(&r.job_id, destination, now_ms, ev)
+                .await?;
+            self.rt.revocations.bump();
+            self.job_pb(&r.job_id).await
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
     type DistrustIssuerStream = RevokeStream;
 
     async fn distrust_issuer(

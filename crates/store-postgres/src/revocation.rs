@@ -169,6 +169,7 @@ pub(crate) async fn progress(pool: &PgPool, job_id: &str) -> Result<Vec<Destinat
              SUM(CASE WHEN state = 'revoked' THEN 1 ELSE 0 END) AS revoked, \
              SUM(CASE WHEN state = 'expires_at' THEN 1 ELSE 0 END) AS expiring, \
              SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed, \
+             SUM(CASE WHEN state = 'abandoned' THEN 1 ELSE 0 END) AS abandoned, \
              MAX(CASE WHEN state = 'expires_at' THEN expires_at END) AS latest \
          FROM revocation_steps WHERE job_id = $1 \
          GROUP BY destination ORDER BY destination",
@@ -186,6 +187,7 @@ pub(crate) async fn progress(pool: &PgPool, job_id: &str) -> Result<Vec<Destinat
                 revoked: n("revoked")?,
                 expires_at: n("expiring")?,
                 failed: n("failed")?,
+                abandoned: n("abandoned")?,
                 latest_expiry: row.try_get("latest").map_err(db)?,
             })
         })
@@ -361,6 +363,58 @@ pub(crate) async fn defer(
     .await
     .map_err(db)?;
     Ok(())
+}
+
+pub(crate) async fn abandon(
+    conn: &mut PgConnection,
+    job_id: &str,
+    destination: Option<&str>,
+    now_ms: i64,
+    mut audit: NewAuditEvent,
+) -> Result<u64> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM revocation_jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+    match state.as_deref() {
+        None => {
+            return Err(StoreError::NotFound {
+                what: format!("revocation job {job_id}"),
+            });
+        }
+        Some("running") => {}
+        Some(_) => {
+            return Err(StoreError::Conflict(format!(
+                "revocation job {job_id} is done; nothing to give up"
+            )));
+        }
+    }
+    let n = sqlx::query(
+        "UPDATE revocation_steps SET state = 'abandoned' \
+         WHERE job_id = $1 AND ($2::text IS NULL OR destination = $2) AND state = 'failed'",
+    )
+    .bind(job_id)
+    .bind(destination)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    sqlx::query(
+        "UPDATE revocation_jobs SET state = 'done', finished_at = $2 \
+         WHERE id = $1 AND lease_owner IS NULL AND sweep_at IS NULL \
+           AND NOT EXISTS (SELECT 1 FROM revocation_steps \
+                           WHERE job_id = $1 AND state IN ('pending', 'failed'))",
+    )
+    .bind(job_id)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    audit.detail["abandoned"] = serde_json::json!(n);
+    append_events(&mut *conn, std::slice::from_ref(&audit)).await?;
+    Ok(n)
 }
 
 pub(crate) async fn sweep(

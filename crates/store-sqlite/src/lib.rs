@@ -963,6 +963,19 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(db)
     }
 
+    async fn revocation_abandon(
+        &self,
+        job_id: &str,
+        destination: Option<&str>,
+        now_ms: i64,
+        audit: NewAuditEvent,
+    ) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let n = revocation::abandon(&mut tx, job_id, destination, now_ms, audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(n)
+    }
+
     async fn revocation_sweep(&self, owner: &str, job_id: &str, now: UnixTime) -> Result<u64> {
         let mut tx = self.begin().await?;
         let added = revocation::sweep(&mut tx, owner, job_id, now).await?;

@@ -55,6 +55,7 @@ pub async fn run_all(store: &dyn Store) {
     revocation_leases(store).await;
     revocation_of_expired_grants(store).await;
     revocation_sweep(store).await;
+    revocation_abandon(store).await;
     workloads_seen(store).await;
 }
 
@@ -2137,4 +2138,79 @@ async fn revocation_sweep(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(done.state, JobState::Done);
+}
+
+/// An operator gives up on failed steps: they are final, the job finishes, and the
+/// event records how many.
+async fn revocation_abandon(store: &dyn Store) {
+    let t = tag();
+    let w = workload(&t, "abandon");
+    let dest = format!("ab-{t}");
+    let g = grant(&w, "iss", &dest, None);
+    insert(store, std::slice::from_ref(&g)).await;
+    let j = job(RevokeSelector::Workload(w));
+    store
+        .revocation_create(&j, None, event("revocation.requested", &t))
+        .await
+        .unwrap();
+    let owner = format!("ab-owner-{t}");
+    let at = NOW * 1000 + 30_000_000;
+    let mut ours = false;
+    for _ in 0..100 {
+        match store
+            .revocation_claim(&owner, at, at + 30_000)
+            .await
+            .unwrap()
+        {
+            Some(c) if c.id == j.id => {
+                ours = true;
+                break;
+            }
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    assert!(ours);
+    let r = receipt(
+        &j.id,
+        1,
+        &dest,
+        StepState::Failed,
+        vec![g.id.to_string()],
+        Some(at + 1_000),
+    );
+    store
+        .revocation_record(&owner, &j.id, at + 30_000, &[r], &[])
+        .await
+        .unwrap();
+    let running = store
+        .revocation_release(&owner, &j.id, at, event("revocation.completed", &t))
+        .await
+        .unwrap();
+    assert_eq!(running.state, JobState::Running);
+    let (head, _) = chain_tail(store).await;
+    let n = store
+        .revocation_abandon(&j.id, Some(&dest), at, event("revocation.abandoned", &t))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let events = read_chain(store, head).await;
+    let payload: serde_json::Value = serde_json::from_str(&events[0].payload).unwrap();
+    assert_eq!(payload["detail"]["abandoned"], json!(1));
+    let done = store.revocation_get(&j.id).await.unwrap().unwrap();
+    assert_eq!(done.state, JobState::Done);
+    let p = store.revocation_progress(&j.id).await.unwrap();
+    assert_eq!((p[0].abandoned, p[0].failed), (1, 0));
+    assert_conflict(
+        store
+            .revocation_abandon(&j.id, None, at, event("revocation.abandoned", &t))
+            .await,
+        "giving up on a done job",
+    );
+    assert_not_found(
+        store
+            .revocation_abandon("rvk_missing", None, at, event("revocation.abandoned", &t))
+            .await,
+        "an unknown job",
+    );
 }

@@ -325,6 +325,22 @@ pub trait Store: Send + Sync + 'static {
         retry_at_ms: i64,
     ) -> Result<()>;
 
+    /// An operator gives up on a running job's failed steps (of one destination, or all):
+    /// they become `abandoned` and are not attempted again, and `audit` is appended with
+    /// `detail.abandoned` set to how many. A job left with no pending or failed step and
+    /// no sweep due is then `done` (unless a worker holds it; its release finishes it).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown job; [`StoreError::Conflict`] if it is
+    /// done; [`StoreError::Unavailable`].
+    async fn revocation_abandon(
+        &self,
+        job_id: &str,
+        destination: Option<&str>,
+        now_ms: i64,
+        audit: NewAuditEvent,
+    ) -> Result<u64>;
+
     /// Run a job's sweep, fenced by the lease: the active, unexpired grants its selector
     /// matches now (issued after the job was created, by servers that had not yet seen
     /// its deny entry) become steps of the job and are marked revoked, `matched` grows,

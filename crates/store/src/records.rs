@@ -374,6 +374,8 @@ pub enum StepState {
     ExpiresAt,
     /// The last attempt failed; it is retried at `next_attempt_at_ms`.
     Failed,
+    /// An operator gave up on it after failures: no more attempts.
+    Abandoned,
 }
 
 impl StepState {
@@ -384,6 +386,7 @@ impl StepState {
             StepState::Revoked => "revoked",
             StepState::ExpiresAt => "expires_at",
             StepState::Failed => "failed",
+            StepState::Abandoned => "abandoned",
         }
     }
     /// Parse the stable spelling.
@@ -393,13 +396,17 @@ impl StepState {
             StepState::Revoked,
             StepState::ExpiresAt,
             StepState::Failed,
+            StepState::Abandoned,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
     }
     /// Whether no more work is due for a step in this state.
     pub fn is_final(self) -> bool {
-        matches!(self, StepState::Revoked | StepState::ExpiresAt)
+        matches!(
+            self,
+            StepState::Revoked | StepState::ExpiresAt | StepState::Abandoned
+        )
     }
 }
 
@@ -467,6 +474,8 @@ pub struct DestinationProgress {
     pub expires_at: u64,
     /// Failed, being retried.
     pub failed: u64,
+    /// Given up by an operator.
+    pub abandoned: u64,
     /// Latest expiry among the `expires_at` steps, seconds.
     pub latest_expiry: Option<UnixTime>,
 }
@@ -474,7 +483,7 @@ pub struct DestinationProgress {
 impl DestinationProgress {
     /// All steps.
     pub fn total(&self) -> u64 {
-        self.pending + self.revoked + self.expires_at + self.failed
+        self.pending + self.revoked + self.expires_at + self.failed + self.abandoned
     }
 }
 

@@ -1261,6 +1261,20 @@ pub struct RevocationDestination {
     /// Latest expiry among the expires_at grants: the residual lifetime ends here.
     #[prost(message, optional, tag = "6")]
     pub latest_expiry: ::core::option::Option<::prost_types::Timestamp>,
+    /// Given up by an operator after failures (AbandonRevocation).
+    #[prost(uint32, tag = "7")]
+    pub abandoned: u32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AbandonRevocationRequest {
+    #[prost(string, tag = "1")]
+    pub job_id: ::prost::alloc::string::String,
+    /// Only this destination's failed steps; empty = all.
+    #[prost(string, tag = "2")]
+    pub destination: ::prost::alloc::string::String,
+    /// Why; required.
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetRevocationRequest {
@@ -2071,6 +2085,31 @@ pub mod admin_service_client {
                 .insert(GrpcMethod::new("lanyard.v1.AdminService", "ListRevocations"));
             self.inner.unary(req, path, codec).await
         }
+        /// Give up on a running job's failed steps (of one destination, or all): they become
+        /// "abandoned", are not attempted again, and the job can finish. The credentials may
+        /// still work at the destination until they expire; the audit stream records who gave
+        /// up and why.
+        pub async fn abandon_revocation(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AbandonRevocationRequest>,
+        ) -> std::result::Result<tonic::Response<super::RevocationJob>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/AbandonRevocation",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.v1.AdminService", "AbandonRevocation"));
+            self.inner.unary(req, path, codec).await
+        }
         /// The kill switch for an issuer: refuse its tokens from now on (a deny entry without
         /// expiry) and revoke every grant derived from it, with receipts.
         pub async fn distrust_issuer(
@@ -2505,6 +2544,14 @@ pub mod admin_service_server {
             tonic::Response<super::ListRevocationsResponse>,
             tonic::Status,
         >;
+        /// Give up on a running job's failed steps (of one destination, or all): they become
+        /// "abandoned", are not attempted again, and the job can finish. The credentials may
+        /// still work at the destination until they expire; the audit stream records who gave
+        /// up and why.
+        async fn abandon_revocation(
+            &self,
+            request: tonic::Request<super::AbandonRevocationRequest>,
+        ) -> std::result::Result<tonic::Response<super::RevocationJob>, tonic::Status>;
         /// Server streaming response type for the DistrustIssuer method.
         type DistrustIssuerStream: tonic::codegen::tokio_stream::Stream<
                 Item = std::result::Result<super::RevokeEvent, tonic::Status>,
@@ -3418,6 +3465,52 @@ pub mod admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListRevocationsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/AbandonRevocation" => {
+                    #[allow(non_camel_case_types)]
+                    struct AbandonRevocationSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<super::AbandonRevocationRequest>
+                    for AbandonRevocationSvc<T> {
+                        type Response = super::RevocationJob;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AbandonRevocationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::abandon_revocation(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AbandonRevocationSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
