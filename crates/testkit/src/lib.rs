@@ -6,6 +6,7 @@
 
 pub mod issuer;
 pub mod process;
+pub mod token_endpoint;
 
 pub use issuer::{KeyAlg, TestIssuer};
 pub use process::{Lanyard, LanyardOptions};

@@ -303,3 +303,31 @@ pub fn pg_url() -> Option<String> {
     };
     Some(url)
 }
+
+/// lanyard with the test issuer, a policy for `name`, and a token endpoint for it.
+pub async fn start_federated(
+    name: &str,
+    expect: lanyard_testkit::token_endpoint::Expect,
+) -> (
+    Lanyard,
+    TestIssuer,
+    lanyard_testkit::token_endpoint::TokenEndpoint,
+) {
+    let endpoint = lanyard_testkit::token_endpoint::TokenEndpoint::start(expect).await;
+    let issuer = TestIssuer::start(KeyAlg::Es256).await;
+    let policy = format!(
+        "@id(\"ci-{name}\")\npermit (principal, action, resource == Lanyard::Destination::\"{name}\")\nwhen {{ principal.id like \"spiffe://lanyard.local/ci/*\" }};\n"
+    );
+    let l = Lanyard::start(LanyardOptions {
+        policy: Some(policy),
+        ..Default::default()
+    })
+    .await;
+    let http = l.http.clone();
+    endpoint.expect(|e| {
+        e.jwks_url = format!("{http}/.well-known/jwks.json");
+        e.issuer = http.clone();
+    });
+    configure(&l, &issuer, Keys::JwksUrl, KeyAlg::Es256, false).await;
+    (l, issuer, endpoint)
+}
