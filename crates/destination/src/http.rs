@@ -619,6 +619,47 @@ impl Drop for Permit<'_> {
     }
 }
 
+/// RFC 8693 type of an OAuth access token.
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+/// An access token a destination issued, handed out as `Authorization: Bearer`. It
+/// expires `expires_in` seconds after it was received: `now` (when the exchange began)
+/// plus the time spent asking, rounded up so the recorded expiry is never early.
+pub fn bearer_issued(
+    token: String,
+    now: lanyard_core::UnixTime,
+    spent: Duration,
+    expires_in: u64,
+    revocation_handle: String,
+) -> crate::Issued {
+    let spent = spent
+        .as_secs()
+        .saturating_add(u64::from(spent.subsec_nanos() > 0));
+    crate::Issued {
+        credential: crate::Credential::Bearer {
+            token: lanyard_core::Secret::new(token),
+            token_type: "Bearer".into(),
+            issued_token_type: ACCESS_TOKEN_TYPE.into(),
+            header: "authorization".into(),
+        },
+        expires_at: now
+            .saturating_add(i64::try_from(spent.saturating_add(expires_in)).unwrap_or(i64::MAX)),
+        revocation_handle,
+    }
+}
+
+/// The receipt of a destination that cannot revoke a token early: `why` (e.g. "Claude
+/// access tokens cannot be revoked at the destination"), then the residual lifetime.
+pub fn lapses_at_expiry(req: &crate::RevokeRequest<'_>, why: &str) -> crate::RevokeOutcome {
+    let residual = req.expires_at.saturating_sub(req.now).max(0);
+    crate::RevokeOutcome::ExpiresAt {
+        at: req.expires_at,
+        detail: format!(
+            "{why}; lanyard issues no new token for this grant, and the issued one stays valid until it expires ({residual}s after revocation)"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

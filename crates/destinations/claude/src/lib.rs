@@ -100,7 +100,7 @@ use async_trait::async_trait;
 use lanyard_core::{Secret, SharedClock, SystemClock, UnixTime};
 use lanyard_destination::http::{self, Body, CircuitBreaker, ClientSettings, RetryPolicy};
 use lanyard_destination::{
-    Credential, Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
+    Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
     RevokeOutcome, RevokeRequest, TokenMinter,
 };
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -115,7 +115,7 @@ pub const ASSERTION_TYP: &str = "JWT";
 /// RFC 7523 grant type.
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// RFC 8693 token type of the credential.
-pub const ISSUED_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub const ISSUED_TOKEN_TYPE: &str = http::ACCESS_TOKEN_TYPE;
 /// The default token endpoint.
 pub const DEFAULT_TOKEN_URL: &str = "https://api.anthropic.com/v1/oauth/token";
 /// The default assertion audience.
@@ -549,36 +549,22 @@ impl Destination for ClaudeDestination {
                 resp.expires_in
             )));
         }
-        // Round the elapsed time up so the recorded expiry is never early.
-        let elapsed = started.elapsed();
-        let elapsed_secs = elapsed
-            .as_secs()
-            .saturating_add(u64::from(elapsed.subsec_nanos() > 0));
-        let expires_at = req.now.saturating_add(
-            i64::try_from(elapsed_secs.saturating_add(resp.expires_in)).unwrap_or(i64::MAX),
-        );
-        Ok(Issued {
-            credential: Credential::Bearer {
-                token: Secret::new(resp.access_token),
-                token_type: "Bearer".into(),
-                issued_token_type: ISSUED_TOKEN_TYPE.into(),
-                header: "authorization".into(),
-            },
-            expires_at,
-            revocation_handle: jti,
-        })
+        Ok(http::bearer_issued(
+            resp.access_token,
+            req.now,
+            started.elapsed(),
+            resp.expires_in,
+            jti,
+        ))
     }
 
     /// Nothing to call: Claude cannot revoke a token (PROTOCOLS.md §1.5). States the
     /// residual lifetime. Revoking twice gives the same answer.
     async fn revoke(&self, req: RevokeRequest<'_>) -> Result<RevokeOutcome> {
-        let residual = req.expires_at.saturating_sub(req.now).max(0);
-        Ok(RevokeOutcome::ExpiresAt {
-            at: req.expires_at,
-            detail: format!(
-                "Claude access tokens cannot be revoked at the destination; lanyard issues no new one for this grant, and the issued token stays valid until it expires ({residual}s after revocation)"
-            ),
-        })
+        Ok(http::lapses_at_expiry(
+            &req,
+            "Claude access tokens cannot be revoked at the destination",
+        ))
     }
 }
 

@@ -59,7 +59,7 @@ use async_trait::async_trait;
 use lanyard_core::{Secret, SystemClock, UnixTime};
 use lanyard_destination::http::{self, Body, CircuitBreaker, ClientSettings, RetryPolicy};
 use lanyard_destination::{
-    Credential, Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
+    Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
     RevokeOutcome, RevokeRequest, TokenMinter,
 };
 use reqwest::header::HeaderMap;
@@ -73,8 +73,6 @@ pub const KIND: &str = "openai";
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 /// The subject token's type.
 pub const SUBJECT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
-/// RFC 8693 type of the credential handed out.
-pub const ISSUED_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 /// The documented token endpoint.
 pub const DEFAULT_TOKEN_URL: &str = "https://auth.openai.com/oauth/token";
 
@@ -361,33 +359,22 @@ impl Destination for OpenAiDestination {
                 resp.expires_in
             )));
         }
-        let elapsed = i64::try_from(started.elapsed().as_secs().saturating_add(1)).unwrap_or(0);
-        let expires_at = req
-            .now
-            .saturating_add(elapsed)
-            .saturating_add(i64::try_from(resp.expires_in).unwrap_or(i64::MAX));
-        Ok(Issued {
-            credential: Credential::Bearer {
-                token: Secret::new(resp.access_token),
-                token_type: "Bearer".into(),
-                issued_token_type: ISSUED_TOKEN_TYPE.into(),
-                header: "authorization".into(),
-            },
-            expires_at,
-            revocation_handle: jti,
-        })
+        Ok(http::bearer_issued(
+            resp.access_token,
+            req.now,
+            started.elapsed(),
+            resp.expires_in,
+            jti,
+        ))
     }
 
     /// Nothing to call: no revocation endpoint is documented (PROTOCOLS.md §2.3). States
     /// the residual lifetime. Revoking twice gives the same answer.
     async fn revoke(&self, req: RevokeRequest<'_>) -> Result<RevokeOutcome> {
-        let residual = req.expires_at.saturating_sub(req.now).max(0);
-        Ok(RevokeOutcome::ExpiresAt {
-            at: req.expires_at,
-            detail: format!(
-                "OpenAI documents no revocation; lanyard issues no new token for this grant, and the issued one stays valid until it expires ({residual}s after revocation)"
-            ),
-        })
+        Ok(http::lapses_at_expiry(
+            &req,
+            "OpenAI documents no revocation",
+        ))
     }
 }
 
