@@ -516,16 +516,19 @@ impl PgFixture {
 }
 
 fn db_login(resp: &pb::ExchangeResponse) -> (String, String) {
-    match resp.credential.as_ref().unwrap().kind.as_ref() {
-        Some(pb::credential::Kind::Database(d)) => (
-            format!(
-                "postgres://{}:{}@{}:{}/{}",
-                d.username, d.password, d.host, d.port, d.database
-            ),
-            d.username.clone(),
-        ),
-        other => panic!("expected database credentials, got {other:?}"),
-    }
+    let Some(pb::credential::Kind::Database(d)) = resp.credential.as_ref().unwrap().kind.as_ref()
+    else {
+        panic!("expected database credentials, got {:?}", resp.credential);
+    };
+    assert!(
+        d.password.len() >= 32,
+        "a random password of 32+ characters"
+    );
+    let url = format!(
+        "postgres://{}:{}@{}:{}/{}",
+        d.username, d.password, d.host, d.port, d.database
+    );
+    (url, d.username.clone())
 }
 
 /// A `postgres` grant that expires is revoked at the database by the expiry sweep: its
@@ -623,23 +626,16 @@ async fn revocation_survives_kill_9_in_the_middle_of_fan_out() {
     };
     let reader = db_grant("db:read").await;
     let writer = db_grant("db:write").await;
-    let login = |resp: &pb::ExchangeResponse| match resp.credential.as_ref().unwrap().kind.as_ref()
-    {
-        Some(pb::credential::Kind::Database(d)) => {
+    let login = |resp: &pb::ExchangeResponse| {
+        if let Some(pb::credential::Kind::Database(d)) =
+            resp.credential.as_ref().unwrap().kind.as_ref()
+        {
             assert_eq!(
                 (d.host.as_str(), d.port, d.database.as_str()),
                 (host.as_str(), u32::from(port), db.as_str())
             );
-            assert!(d.password.len() >= 32);
-            (
-                format!(
-                    "postgres://{}:{}@{}:{}/{}",
-                    d.username, d.password, d.host, d.port, d.database
-                ),
-                d.username.clone(),
-            )
         }
-        other => panic!("expected database credentials, got {other:?}"),
+        db_login(resp)
     };
     let (reader_url, reader_role) = login(&reader);
     let (writer_url, writer_role) = login(&writer);

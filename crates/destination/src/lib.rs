@@ -392,6 +392,37 @@ pub trait TokenMinter: Send + Sync {
     -> std::result::Result<Secret, MintError>;
 }
 
+/// A JWT lanyard signs to prove `req`'s workload to a destination that federates with
+/// lanyard's issuer: `iss` lanyard, `sub` the workload ID, exactly one `aud`, `iat`,
+/// `exp` = `iat` + `life`, a fresh `jti`, and `lanyard` = `{grant_id, destination}`.
+/// Returns the `jti` (a non-secret handle) and the token.
+///
+/// # Errors
+/// [`DestinationError::Mint`].
+pub fn mint_workload_jwt(
+    minter: &dyn TokenMinter,
+    req: &IssueRequest<'_>,
+    destination: &str,
+    audience: &str,
+    iat: UnixTime,
+    life: u64,
+) -> Result<(String, Secret)> {
+    let jti = uuid::Uuid::new_v4().simple().to_string();
+    let claims = serde_json::json!({
+        "iss": minter.issuer_url(),
+        "sub": req.workload.as_str(),
+        "aud": audience,
+        "iat": iat,
+        "exp": iat.saturating_add(i64::try_from(life).unwrap_or(i64::MAX)),
+        "jti": jti,
+        "lanyard": {"grant_id": req.grant_id.as_str(), "destination": destination},
+    });
+    let token = minter
+        .mint(&claims, "JWT")
+        .map_err(DestinationError::Mint)?;
+    Ok((jti, token))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

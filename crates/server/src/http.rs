@@ -197,7 +197,7 @@ async fn ready(State(s): State<HttpState>) -> Response {
 
 async fn metrics(State(s): State<HttpState>) -> Response {
     s.rt.metrics
-        .refresh_active_grants(s.rt.store.as_ref(), s.rt.clock.now_unix())
+        .refresh_store_gauges(s.rt.store.as_ref(), s.rt.clock.now_unix())
         .await;
     (
         [(

@@ -297,9 +297,10 @@ impl Metrics {
             .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
-    /// Re-read the active grant count if the cached one is older than
-    /// [`ACTIVE_GRANTS_MAX_AGE`]. A store error keeps the previous value and is logged.
-    pub async fn refresh_active_grants(&self, store: &dyn Store, now: UnixTime) {
+    /// Re-read the gauges counted in the store (active grants, revocation queue depth)
+    /// if they are older than [`ACTIVE_GRANTS_MAX_AGE`]. A store error keeps the previous
+    /// value and is logged.
+    pub async fn refresh_store_gauges(&self, store: &dyn Store, now: UnixTime) {
         let mut last = self.active_refreshed.lock().await;
         if last.is_some_and(|t| t.elapsed() < ACTIVE_GRANTS_MAX_AGE) {
             return;

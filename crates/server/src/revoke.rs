@@ -478,14 +478,13 @@ pub async fn run_worker(rt: Arc<Runtime>, shutdown: impl std::future::Future<Out
     tokio::pin!(shutdown);
     loop {
         let settings = rt.revocations.settings();
-        let lease_ms = i64::try_from(settings.lease.as_millis()).unwrap_or(i64::MAX);
         let now_ms = rt.clock.now_unix_millis();
         let claimed = rt
             .store
             .revocation_claim(
                 &rt.revocations.owner,
                 now_ms,
-                now_ms.saturating_add(lease_ms),
+                now_ms.saturating_add(lease_ms(settings.lease)),
             )
             .await;
         match claimed {
@@ -605,7 +604,14 @@ async fn work_destination(
 ) -> Result<(), StoreError> {
     let snap = rt.snapshot();
     let entry = snap.destinations.get(&destination).cloned();
-    let breaker = Arc::new(Breaker::default());
+    // For this pass: once open it stays open past any pass (the cool-down is the longest
+    // retry delay), so the rest of the destination's steps are not called.
+    let breaker = Arc::new(lanyard_destination::http::CircuitBreaker::new(
+        &format!("destination {destination}"),
+        u32::try_from(BREAKER_THRESHOLD).unwrap_or(u32::MAX),
+        MAX_BACKOFF,
+        rt.clock.clone(),
+    ));
     // The next page is read while this one is worked: reads run beside the one writer.
     let fetch = |after: String| {
         let store = rt.store.clone();
@@ -666,11 +672,11 @@ async fn work_destination(
             let adapter = adapter.clone();
             let breaker = breaker.clone();
             async move {
-                let r = match breaker.open() {
-                    Some(err) => Attempt::Skipped(err),
-                    None => {
+                let r = match breaker.permit() {
+                    Err(open) => Attempt::Skipped(open.to_string()),
+                    Ok(permit) => {
                         let r = revoke_one(adapter, s.clone(), now).await;
-                        breaker.observe(&r);
+                        permit.record(&r);
                         Attempt::Done(r)
                     }
                 };
@@ -740,50 +746,10 @@ async fn work_destination(
 
 /// One step's call in a pass.
 enum Attempt {
-    /// The destination's breaker was open: not called (the breaker's last error).
+    /// The destination's breaker was open: not called (why).
     Skipped(String),
     /// Called.
     Done(Result<RevokeOutcome, DestinationError>),
-}
-
-/// A circuit breaker for one destination in one pass: after [`BREAKER_THRESHOLD`]
-/// retryable failures in a row, the remaining steps are not attempted.
-#[derive(Default)]
-struct Breaker {
-    in_a_row: std::sync::atomic::AtomicUsize,
-    open: std::sync::Mutex<Option<String>>,
-}
-
-impl Breaker {
-    fn open(&self) -> Option<String> {
-        match self.open.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    fn observe(&self, r: &Result<RevokeOutcome, DestinationError>) {
-        use std::sync::atomic::Ordering;
-        match r {
-            Err(
-                e @ DestinationError::Upstream {
-                    retryable: true, ..
-                },
-            ) => {
-                if self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= BREAKER_THRESHOLD {
-                    let mut g = match self.open.lock() {
-                        Ok(g) => g,
-                        Err(p) => p.into_inner(),
-                    };
-                    if g.is_none() {
-                        tracing::warn!(error = %e, "destination failing; skipping it for the rest of this pass");
-                        *g = Some(e.to_string());
-                    }
-                }
-            }
-            _ => self.in_a_row.store(0, Ordering::Relaxed),
-        }
-    }
 }
 
 /// One adapter call, bounded by [`CALL_TIMEOUT`].

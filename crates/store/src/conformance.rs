@@ -1455,6 +1455,29 @@ async fn concurrent_writers(store: Arc<dyn Store>) {
 
 // === revocation ===
 
+/// Claim jobs as `owner` at `at` (lease `lease_ms`) until `id` comes up: other suites'
+/// jobs may be due too. `None` when it is not claimable.
+async fn claim_job(
+    store: &dyn Store,
+    owner: &str,
+    id: &str,
+    at: i64,
+    lease_ms: i64,
+) -> Option<crate::RevocationJob> {
+    for _ in 0..100 {
+        match store
+            .revocation_claim(owner, at, at + lease_ms)
+            .await
+            .unwrap()
+        {
+            Some(c) if c.id == id => return Some(c),
+            Some(_) => continue,
+            None => return None,
+        }
+    }
+    None
+}
+
 fn job(selector: RevokeSelector) -> NewRevocationJob {
     NewRevocationJob {
         id: format!("rvk_{}", tag()),
@@ -1601,18 +1624,7 @@ async fn revocation_job_lifecycle(store: &dyn Store) {
     assert!(depth >= 3);
 
     let owner = format!("w1-{t}");
-    let claimed = store
-        .revocation_claim(&owner, NOW * 1000, NOW * 1000 + 30_000)
-        .await
-        .unwrap();
-    // Other suites' jobs may be due too; find ours by claiming until it comes up.
-    let mut claimed = claimed;
-    while claimed.as_ref().is_some_and(|j| j.id != new.id) {
-        claimed = store
-            .revocation_claim(&owner, NOW * 1000, NOW * 1000 + 30_000)
-            .await
-            .unwrap();
-    }
+    let claimed = claim_job(store, &owner, &new.id, NOW * 1000, 30_000).await;
     assert_eq!(claimed.map(|j| j.id), Some(new.id.clone()));
 
     let steps = store
@@ -1735,21 +1747,7 @@ async fn revocation_job_lifecycle(store: &dyn Store) {
     );
 
     let owner2 = format!("w2-{t}");
-    let mut claimed = None;
-    for _ in 0..100 {
-        match store
-            .revocation_claim(&owner2, retry_at, retry_at + 30_000)
-            .await
-            .unwrap()
-        {
-            Some(j) if j.id == new.id => {
-                claimed = Some(j);
-                break;
-            }
-            Some(_) => continue,
-            None => break,
-        }
-    }
+    let claimed = claim_job(store, &owner2, &new.id, retry_at, 30_000).await;
     assert!(claimed.is_some(), "the job is due again at its retry time");
     let r3 = receipt(
         &new.id,
@@ -1905,53 +1903,15 @@ async fn revocation_leases(store: &dyn Store) {
     // Drain other due jobs so ours is the one claimed; leave them leased briefly.
     let (first, second) = (format!("first-{t}"), format!("second-{t}"));
     let now = NOW * 1000 + 10_000_000;
-    let mut ours = false;
-    for _ in 0..100 {
-        match store
-            .revocation_claim(&first, now, now + 1_000)
-            .await
-            .unwrap()
-        {
-            Some(c) if c.id == j.id => {
-                ours = true;
-                break;
-            }
-            Some(_) => continue,
-            None => break,
-        }
-    }
+    let ours = claim_job(store, &first, &j.id, now, 1_000).await.is_some();
     assert!(ours);
-    let mut stolen = false;
-    for _ in 0..100 {
-        match store
-            .revocation_claim(&second, now + 500, now + 1_500)
-            .await
-            .unwrap()
-        {
-            Some(c) if c.id == j.id => {
-                stolen = true;
-                break;
-            }
-            Some(_) => continue,
-            None => break,
-        }
-    }
+    let stolen = claim_job(store, &second, &j.id, now + 500, 1_000)
+        .await
+        .is_some();
     assert!(!stolen, "a held lease is not taken");
-    let mut taken = false;
-    for _ in 0..100 {
-        match store
-            .revocation_claim(&second, now + 1_000, now + 2_000)
-            .await
-            .unwrap()
-        {
-            Some(c) if c.id == j.id => {
-                taken = true;
-                break;
-            }
-            Some(_) => continue,
-            None => break,
-        }
-    }
+    let taken = claim_job(store, &second, &j.id, now + 1_000, 1_000)
+        .await
+        .is_some();
     assert!(taken, "a lapsed lease is taken over");
     assert_conflict(
         store
@@ -2065,24 +2025,7 @@ async fn revocation_sweep(store: &dyn Store) {
         .unwrap();
     assert_eq!(created.sweep_at_ms, Some(sweep_at));
     let owner = format!("sweeper-{t}");
-    let claim = |at: i64| {
-        let owner = owner.clone();
-        let id = j.id.clone();
-        async move {
-            for _ in 0..100 {
-                match store
-                    .revocation_claim(&owner, at, at + 30_000)
-                    .await
-                    .unwrap()
-                {
-                    Some(c) if c.id == id => return Some(c),
-                    Some(_) => continue,
-                    None => return None,
-                }
-            }
-            None
-        }
-    };
+    let claim = |at: i64| claim_job(store, &owner, &j.id, at, 30_000);
     let now = NOW * 1000 + 19_000_000;
     assert!(claim(now).await.is_some());
     let r1 = receipt(
@@ -2155,21 +2098,7 @@ async fn revocation_abandon(store: &dyn Store) {
         .unwrap();
     let owner = format!("ab-owner-{t}");
     let at = NOW * 1000 + 30_000_000;
-    let mut ours = false;
-    for _ in 0..100 {
-        match store
-            .revocation_claim(&owner, at, at + 30_000)
-            .await
-            .unwrap()
-        {
-            Some(c) if c.id == j.id => {
-                ours = true;
-                break;
-            }
-            Some(_) => continue,
-            None => break,
-        }
-    }
+    let ours = claim_job(store, &owner, &j.id, at, 30_000).await.is_some();
     assert!(ours);
     let r = receipt(
         &j.id,

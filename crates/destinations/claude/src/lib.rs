@@ -97,7 +97,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lanyard_core::{Secret, SharedClock, SystemClock, UnixTime};
+use lanyard_core::{SharedClock, SystemClock, UnixTime};
 use lanyard_destination::http::{self, Body, CircuitBreaker, ClientSettings, RetryPolicy};
 use lanyard_destination::{
     Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
@@ -110,8 +110,6 @@ use serde_json::{Map, Value, json};
 
 /// The adapter kind this crate implements.
 pub const KIND: &str = "claude";
-/// JOSE `typ` of the assertion.
-pub const ASSERTION_TYP: &str = "JWT";
 /// RFC 7523 grant type.
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// RFC 8693 token type of the credential.
@@ -440,18 +438,6 @@ impl ClaudeDestination {
             .min(ttl_secs.saturating_sub(SKEW_MARGIN_SECS) / 2))
     }
 
-    fn claims(&self, req: &IssueRequest<'_>, jti: &str, iat: UnixTime, life: u64) -> Value {
-        json!({
-            "iss": self.minter.issuer_url(),
-            "sub": req.workload.as_str(),
-            "aud": self.settings.assertion_audience,
-            "iat": iat,
-            "exp": iat.saturating_add(i64::try_from(life).unwrap_or(i64::MAX)),
-            "jti": jti,
-            "lanyard": {"grant_id": req.grant_id.as_str(), "destination": self.name},
-        })
-    }
-
     /// One attempt: mint a fresh assertion, POST it, parse the answer.
     async fn attempt(
         &self,
@@ -459,11 +445,14 @@ impl ClaudeDestination {
         iat: UnixTime,
         life: u64,
     ) -> Result<(String, TokenResponse)> {
-        let jti = uuid::Uuid::new_v4().simple().to_string();
-        let assertion: Secret = self
-            .minter
-            .mint(&self.claims(req, &jti, iat, life), ASSERTION_TYP)
-            .map_err(DestinationError::Mint)?;
+        let (jti, assertion) = lanyard_destination::mint_workload_jwt(
+            self.minter.as_ref(),
+            req,
+            &self.name,
+            &self.settings.assertion_audience,
+            iat,
+            life,
+        )?;
         let mut body = json!({
             "grant_type": GRANT_TYPE,
             "assertion": assertion.expose(),

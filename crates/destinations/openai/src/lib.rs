@@ -56,7 +56,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lanyard_core::{Secret, SystemClock, UnixTime};
+use lanyard_core::{SystemClock, UnixTime};
 use lanyard_destination::http::{self, Body, CircuitBreaker, ClientSettings, RetryPolicy};
 use lanyard_destination::{
     Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
@@ -275,29 +275,20 @@ impl OpenAiDestination {
         &self.settings
     }
 
-    fn claims(&self, req: &IssueRequest<'_>, jti: &str, iat: UnixTime, life: u64) -> Value {
-        json!({
-            "iss": self.minter.issuer_url(),
-            "sub": req.workload.as_str(),
-            "aud": self.settings.audience,
-            "iat": iat,
-            "exp": iat.saturating_add(i64::try_from(life).unwrap_or(i64::MAX)),
-            "jti": jti,
-            "lanyard": {"grant_id": req.grant_id.as_str(), "destination": self.name},
-        })
-    }
-
     async fn attempt(
         &self,
         req: &IssueRequest<'_>,
         iat: UnixTime,
         life: u64,
     ) -> Result<(String, TokenResponse)> {
-        let jti = uuid::Uuid::new_v4().simple().to_string();
-        let subject: Secret = self
-            .minter
-            .mint(&self.claims(req, &jti, iat, life), "JWT")
-            .map_err(DestinationError::Mint)?;
+        let (jti, subject) = lanyard_destination::mint_workload_jwt(
+            self.minter.as_ref(),
+            req,
+            &self.name,
+            &self.settings.audience,
+            iat,
+            life,
+        )?;
         let body = json!({
             "grant_type": GRANT_TYPE,
             "subject_token_type": SUBJECT_TOKEN_TYPE,
