@@ -254,6 +254,17 @@ pub enum Credential {
         /// Password.
         password: Secret,
     },
+    /// Temporary AWS credentials (`aws-sts` destinations).
+    Aws {
+        /// Access key ID (not secret on its own).
+        access_key_id: String,
+        /// Secret access key.
+        secret_access_key: Secret,
+        /// Session token.
+        session_token: Secret,
+        /// Region the credentials are meant for (for the workload's SDK).
+        region: String,
+    },
 }
 
 impl std::fmt::Debug for Credential {
@@ -275,6 +286,15 @@ impl std::fmt::Debug for Credential {
                 .field("port", port)
                 .field("database", database)
                 .field("username", username)
+                .finish_non_exhaustive(),
+            Credential::Aws {
+                access_key_id,
+                region,
+                ..
+            } => f
+                .debug_struct("Aws")
+                .field("access_key_id", access_key_id)
+                .field("region", region)
                 .finish_non_exhaustive(),
         }
     }
@@ -310,6 +330,13 @@ pub enum RevokeOutcome {
     /// Revoked; `detail` says how.
     Revoked {
         /// How, for the receipt.
+        detail: String,
+    },
+    /// Blocked by a deny rule written at the destination (an AWS role's inline deny
+    /// policy): the credential still exists and the block takes time to propagate;
+    /// `detail` says what was written and how long propagation may take.
+    Blocked {
+        /// What was written where, and the propagation caveat, for the receipt.
         detail: String,
     },
     /// Cannot be revoked early; it stops working at `at`.

@@ -247,6 +247,19 @@ pub fn credential_to_pb(c: Credential) -> pb::Credential {
                 password: password.into_inner(),
             })),
         },
+        Credential::Aws {
+            access_key_id,
+            secret_access_key,
+            session_token,
+            region,
+        } => pb::Credential {
+            kind: Some(pb::credential::Kind::Aws(pb::AwsCredentials {
+                access_key_id,
+                secret_access_key: secret_access_key.into_inner(),
+                session_token: session_token.into_inner(),
+                region,
+            })),
+        },
     }
 }
 
@@ -263,6 +276,7 @@ pub fn revocability_to_pb(r: Revocability) -> i32 {
 pub fn receipt_to_pb(g: &GrantRecord, o: &RevokeOutcome, at: i64) -> pb::RevocationReceipt {
     let (outcome, expires_at, detail) = match o {
         RevokeOutcome::Revoked { detail } => ("revoked", None, detail.clone()),
+        RevokeOutcome::Blocked { detail } => ("blocked", ts(g.expires_at), detail.clone()),
         RevokeOutcome::ExpiresAt { at, detail } => ("expires_at", ts(*at), detail.clone()),
     };
     pb::RevocationReceipt {
@@ -333,6 +347,7 @@ pub fn progress_to_pb(p: &DestinationProgress) -> pb::RevocationDestination {
         failed: count32(p.failed),
         latest_expiry: p.latest_expiry.and_then(ts),
         abandoned: count32(p.abandoned),
+        blocked: count32(p.blocked),
     }
 }
 

@@ -708,6 +708,13 @@ async fn work_destination(
                         expires_at: None,
                         retry_at_ms: None,
                     },
+                    // The credential exists until its expiry; the receipt says when.
+                    Attempt::Done(Ok(RevokeOutcome::Blocked { detail })) => StepOutcome {
+                        state: StepState::Blocked,
+                        detail,
+                        expires_at: Some(s.expires_at),
+                        retry_at_ms: None,
+                    },
                     Attempt::Done(Ok(RevokeOutcome::ExpiresAt { at, detail })) => StepOutcome {
                         state: StepState::ExpiresAt,
                         detail,
@@ -928,15 +935,29 @@ async fn record(
     Ok(())
 }
 
-/// Totals over a job's destinations: (revoked, expires_at, failed, pending).
-pub fn totals(progress: &[DestinationProgress]) -> (u64, u64, u64, u64) {
-    progress.iter().fold((0, 0, 0, 0), |t, p| {
-        (
-            t.0 + p.revoked,
-            t.1 + p.expires_at,
-            t.2 + p.failed,
-            t.3 + p.pending,
-        )
+/// Step counts summed over a job's destinations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Confirmed revoked.
+    pub revoked: u64,
+    /// Blocked by a deny rule at the destination.
+    pub blocked: u64,
+    /// Lapse at expiry.
+    pub expires_at: u64,
+    /// Failed, being retried.
+    pub failed: u64,
+    /// Not yet attempted.
+    pub pending: u64,
+}
+
+/// Totals over a job's destinations.
+pub fn totals(progress: &[DestinationProgress]) -> Totals {
+    progress.iter().fold(Totals::default(), |t, p| Totals {
+        revoked: t.revoked + p.revoked,
+        blocked: t.blocked + p.blocked,
+        expires_at: t.expires_at + p.expires_at,
+        failed: t.failed + p.failed,
+        pending: t.pending + p.pending,
     })
 }
 
@@ -1031,7 +1052,13 @@ pub fn follow(
                         }
                         Err(e) => return fail(e).await,
                     }
-                    let (revoked, expires_at, failed, _) = totals(&progress);
+                    let Totals {
+                        revoked,
+                        blocked,
+                        expires_at,
+                        failed,
+                        ..
+                    } = totals(&progress);
                     // Running while failed steps are retried or a sweep is still due.
                     let state = match rt.store.revocation_get(&id).await {
                         Ok(Some(j)) if j.state == JobState::Done => "done",
@@ -1052,6 +1079,7 @@ pub fn follow(
                             .map(crate::convert::progress_to_pb)
                             .collect(),
                         state: state.into(),
+                        blocked: c(blocked),
                     }))
                     .await;
                     return;

@@ -83,6 +83,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "revocation",
         include_str!("../../../migrations/postgres/0002_revocation.sql"),
     ),
+    (
+        3,
+        "blocked",
+        include_str!("../../../migrations/postgres/0003_blocked.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

@@ -167,6 +167,7 @@ pub(crate) async fn progress(pool: &PgPool, job_id: &str) -> Result<Vec<Destinat
         "SELECT destination, \
              SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END) AS pending, \
              SUM(CASE WHEN state = 'revoked' THEN 1 ELSE 0 END) AS revoked, \
+             SUM(CASE WHEN state = 'blocked' THEN 1 ELSE 0 END) AS blocked, \
              SUM(CASE WHEN state = 'expires_at' THEN 1 ELSE 0 END) AS expiring, \
              SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed, \
              SUM(CASE WHEN state = 'abandoned' THEN 1 ELSE 0 END) AS abandoned, \
@@ -185,6 +186,7 @@ pub(crate) async fn progress(pool: &PgPool, job_id: &str) -> Result<Vec<Destinat
                 destination: row.try_get("destination").map_err(db)?,
                 pending: n("pending")?,
                 revoked: n("revoked")?,
+                blocked: n("blocked")?,
                 expires_at: n("expiring")?,
                 failed: n("failed")?,
                 abandoned: n("abandoned")?,

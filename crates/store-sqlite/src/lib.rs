@@ -89,6 +89,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "revocation",
         include_str!("../../../migrations/sqlite/0002_revocation.sql"),
     ),
+    (
+        3,
+        "blocked",
+        include_str!("../../../migrations/sqlite/0003_blocked.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

@@ -32,6 +32,104 @@ async fn conformance_in_memory() {
     println!("sqlite in-memory suite: {:?}", started.elapsed());
 }
 
+/// How many `.sql` files `migrations/<backend>` holds.
+#[allow(clippy::unwrap_used)]
+fn migration_files(backend: &str) -> i64 {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../../migrations/{backend}"));
+    let n = std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "sql")
+        })
+        .count();
+    i64::try_from(n).unwrap()
+}
+
+/// A database written by an earlier version (migrations 1 and 2) keeps its revocation
+/// steps and receipts through 0003, which rebuilds both tables to allow `blocked`.
+#[tokio::test]
+async fn upgrading_from_migration_2_keeps_revocation_rows() {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    use std::borrow::Cow;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lanyard.db");
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let old = Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            Cow::Borrowed("init"),
+            MigrationType::Simple,
+            sqlx::SqlSafeStr::into_sql_str(include_str!(
+                "../../../migrations/sqlite/0001_init.sql"
+            )),
+            false,
+        ),
+        Migration::new(
+            2,
+            Cow::Borrowed("revocation"),
+            MigrationType::Simple,
+            sqlx::SqlSafeStr::into_sql_str(include_str!(
+                "../../../migrations/sqlite/0002_revocation.sql"
+            )),
+            false,
+        ),
+    ]);
+    old.run(&mut conn).await.unwrap();
+    sqlx::query(
+        "INSERT INTO revocation_steps (job_id, grant_id, destination, workload_id, \
+         revocation_handle, expires_at, state, attempts, detail, receipt_seq) \
+         VALUES ('job1', 'g1', 'aws', 'spiffe://lanyard.local/a', 'h', 10, 'revoked', 1, 'ok', 1)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO revocation_receipts (job_id, seq, destination, outcome, grant_ids, \
+         detail, created_at, signature) VALUES ('job1', 1, 'aws', 'revoked', '[\"g1\"]', 'ok', 5, 's')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert!(
+        sqlx::query("UPDATE revocation_steps SET state = 'blocked'")
+            .execute(&mut conn)
+            .await
+            .is_err(),
+        "before 0003 the state is refused"
+    );
+    conn.close().await.unwrap();
+
+    let store = SqliteStore::open(&path).await.unwrap();
+    let receipts = store.revocation_receipts("job1", 0, 10).await.unwrap();
+    assert_eq!(receipts.len(), 1);
+    assert_eq!(receipts[0].grant_ids, vec!["g1".to_owned()]);
+    let progress = store.revocation_progress("job1").await.unwrap();
+    assert_eq!((progress[0].revoked, progress[0].total()), (1, 1));
+    store.close().await;
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("UPDATE revocation_steps SET state = 'blocked'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE revocation_receipts SET outcome = 'blocked'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let pk: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pragma_table_info('revocation_steps') WHERE pk > 0",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(pk, 3, "the primary key survives the rebuild");
+}
+
 fn put(name: &str) -> NewConfigObject {
     NewConfigObject {
         kind: ConfigKind::Issuer,
@@ -84,7 +182,7 @@ async fn reopening_reruns_migrations_harmlessly() {
         .unwrap();
     assert_eq!(
         applied.get::<i64, _>("n"),
-        2,
+        migration_files("sqlite"),
         "every migration applied once"
     );
     let heads = sqlx::query("SELECT COUNT(*) AS n FROM audit_head")

@@ -1649,10 +1649,26 @@ async fn revocation_job_lifecycle(store: &dyn Store) {
     assert_eq!(paged.len(), 1, "steps after a cursor");
 
     let retry_at = NOW * 1000 + 5_000;
-    let r1 = receipt(&new.id, 1, &d1, StepState::Revoked, want.clone(), None);
-    let r2 = receipt(
+    let r1 = receipt(
+        &new.id,
+        1,
+        &d1,
+        StepState::Revoked,
+        want[..1].to_vec(),
+        None,
+    );
+    // A deny rule written at the destination (AWS): final, counted apart.
+    let r1b = receipt(
         &new.id,
         2,
+        &d1,
+        StepState::Blocked,
+        want[1..].to_vec(),
+        None,
+    );
+    let r2 = receipt(
+        &new.id,
+        3,
         &d2,
         StepState::Failed,
         vec![a3.id.to_string()],
@@ -1675,17 +1691,26 @@ async fn revocation_job_lifecycle(store: &dyn Store) {
             &owner,
             &new.id,
             NOW * 1000 + 30_000,
-            &[r1.clone(), r2.clone()],
+            &[r1.clone(), r1b.clone(), r2.clone()],
             &[
+                event("revocation.receipt", &t),
                 event("revocation.receipt", &t),
                 event("revocation.receipt", &t),
             ],
         )
         .await
         .unwrap();
-    assert_eq!(seqs.len(), 2);
+    assert_eq!(seqs.len(), 3);
     let progress = store.revocation_progress(&new.id).await.unwrap();
-    assert_eq!((progress[0].revoked, progress[0].pending), (2, 0));
+    assert_eq!(
+        (
+            progress[0].revoked,
+            progress[0].blocked,
+            progress[0].pending
+        ),
+        (1, 1, 0)
+    );
+    assert_eq!(progress[0].total(), 2);
     assert_eq!((progress[1].failed, progress[1].pending), (1, 0));
     assert!(
         store
@@ -1738,7 +1763,7 @@ async fn revocation_job_lifecycle(store: &dyn Store) {
         .unwrap();
     assert_eq!(released_job.state, JobState::Running);
     assert_eq!(released_job.next_run_at_ms, retry_at);
-    assert_eq!(released_job.receipts, 2);
+    assert_eq!(released_job.receipts, 3);
     assert_conflict(
         store
             .revocation_record(&owner, &new.id, NOW * 1000 + 30_000, &[], &[])
@@ -1751,7 +1776,7 @@ async fn revocation_job_lifecycle(store: &dyn Store) {
     assert!(claimed.is_some(), "the job is due again at its retry time");
     let r3 = receipt(
         &new.id,
-        3,
+        4,
         &d2,
         StepState::ExpiresAt,
         vec![a3.id.to_string()],
@@ -1789,9 +1814,9 @@ async fn revocation_job_lifecycle(store: &dyn Store) {
     assert_eq!(progress[1].latest_expiry, Some(a3.expires_at));
 
     let receipts = store.revocation_receipts(&new.id, 0, 10).await.unwrap();
-    assert_eq!(receipts, vec![r1, r2, r3.clone()]);
+    assert_eq!(receipts, vec![r1, r1b, r2, r3.clone()]);
     assert_eq!(
-        store.revocation_receipts(&new.id, 2, 10).await.unwrap(),
+        store.revocation_receipts(&new.id, 3, 10).await.unwrap(),
         vec![r3]
     );
     assert_eq!(

@@ -370,6 +370,9 @@ pub enum StepState {
     Pending,
     /// The destination confirmed.
     Revoked,
+    /// A deny rule was written at the destination (an AWS role's deny policy); the
+    /// credential exists until its expiry and the block takes time to propagate.
+    Blocked,
     /// The destination cannot revoke early; the credential lapses at its expiry.
     ExpiresAt,
     /// The last attempt failed; it is retried at `next_attempt_at_ms`.
@@ -384,6 +387,7 @@ impl StepState {
         match self {
             StepState::Pending => "pending",
             StepState::Revoked => "revoked",
+            StepState::Blocked => "blocked",
             StepState::ExpiresAt => "expires_at",
             StepState::Failed => "failed",
             StepState::Abandoned => "abandoned",
@@ -394,6 +398,7 @@ impl StepState {
         [
             StepState::Pending,
             StepState::Revoked,
+            StepState::Blocked,
             StepState::ExpiresAt,
             StepState::Failed,
             StepState::Abandoned,
@@ -405,7 +410,7 @@ impl StepState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            StepState::Revoked | StepState::ExpiresAt | StepState::Abandoned
+            StepState::Revoked | StepState::Blocked | StepState::ExpiresAt | StepState::Abandoned
         )
     }
 }
@@ -445,7 +450,7 @@ pub struct RevocationReceiptRecord {
     pub seq: i64,
     /// The destination.
     pub destination: String,
-    /// `revoked`, `expires_at` or `failed`.
+    /// `revoked`, `blocked`, `expires_at` or `failed`.
     pub outcome: StepState,
     /// The grants it covers.
     pub grant_ids: Vec<String>,
@@ -470,6 +475,8 @@ pub struct DestinationProgress {
     pub pending: u64,
     /// Confirmed revoked.
     pub revoked: u64,
+    /// Blocked by a deny rule at the destination (propagating).
+    pub blocked: u64,
     /// Lapse at expiry.
     pub expires_at: u64,
     /// Failed, being retried.
@@ -483,7 +490,7 @@ pub struct DestinationProgress {
 impl DestinationProgress {
     /// All steps.
     pub fn total(&self) -> u64 {
-        self.pending + self.revoked + self.expires_at + self.failed + self.abandoned
+        self.pending + self.revoked + self.blocked + self.expires_at + self.failed + self.abandoned
     }
 }
 

@@ -174,11 +174,14 @@ pub struct RevocationReceipt {
     pub grant_id: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub destination: ::prost::alloc::string::String,
-    /// "revoked" (the destination confirmed), "expires_at" (it cannot revoke early; see
-    /// expires_at) or "failed" (see detail; retried at retry_at).
+    /// "revoked" (the destination confirmed), "blocked" (a deny rule was written at the
+    /// destination, e.g. an AWS role's deny policy; it takes time to propagate, and the
+    /// credentials exist until expires_at; see detail), "expires_at" (it cannot revoke
+    /// early; see expires_at) or "failed" (see detail; retried at retry_at).
     #[prost(string, tag = "3")]
     pub outcome: ::prost::alloc::string::String,
-    /// For "expires_at": when the last of the credentials stops working by itself.
+    /// For "expires_at" and "blocked": when the last of the credentials stops working by
+    /// itself.
     #[prost(message, optional, tag = "4")]
     pub expires_at: ::core::option::Option<::prost_types::Timestamp>,
     /// Human-readable detail (how it was revoked, or the error).
@@ -1212,6 +1215,9 @@ pub struct RevokeSummary {
     /// "running" while failed steps are being retried, else "done".
     #[prost(string, tag = "7")]
     pub state: ::prost::alloc::string::String,
+    /// Blocked by a deny rule at the destination (propagating; see the receipts).
+    #[prost(uint32, tag = "8")]
+    pub blocked: u32,
 }
 /// A revocation job.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1264,6 +1270,9 @@ pub struct RevocationDestination {
     /// Given up by an operator after failures (AbandonRevocation).
     #[prost(uint32, tag = "7")]
     pub abandoned: u32,
+    /// Blocked by a deny rule at the destination (propagating; see the receipts).
+    #[prost(uint32, tag = "8")]
+    pub blocked: u32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AbandonRevocationRequest {
