@@ -156,8 +156,8 @@ async fn every_selector_revokes_end_to_end_through_the_cli() {
         &l,
         &[
             "revoke",
-            "--destination",
-            "orders",
+            "--task",
+            "run-1",
             "--reason",
             "x",
             "--deny-for",
@@ -746,6 +746,7 @@ async fn revocation_survives_kill_9_in_the_middle_of_fan_out() {
             Some(pb::revoke_event::Event::Job(_)) => {}
             Some(pb::revoke_event::Event::Receipt(r)) => after.push(r),
             Some(pb::revoke_event::Event::Summary(s)) => break s,
+            Some(pb::revoke_event::Event::KillSwitch(k)) => panic!("unexpected {k:?}"),
             None => panic!("empty event"),
         }
     };

@@ -51,6 +51,9 @@ pub const REVOCATION_RECEIPT: &str = "revocation.receipt";
 pub const REVOCATION_COMPLETED: &str = "revocation.completed";
 /// An operator gave up on a revocation job's failed steps.
 pub const REVOCATION_ABANDONED: &str = "revocation.abandoned";
+/// An operator pulled a destination's own kill switch (`DisableDestination` with
+/// `at_destination`); `detail.outcome` is `done`, `unsupported` or `failed`.
+pub const DESTINATION_KILL_SWITCH: &str = "destination.kill_switch";
 /// An operator ran Explain.
 pub const ADMIN_EXPLAIN: &str = "admin.explain";
 /// A signed checkpoint of the chain head.

@@ -467,6 +467,22 @@ pub async fn destination(g: &GlobalArgs, cmd: &DestinationCommand) -> anyhow::Re
                 .or_rpc_error(&a.target)?;
             print_deleted(g, "destination", &r)
         }
+        DestinationCommand::Disable {
+            name,
+            reason,
+            at_destination,
+        } => {
+            let stream = a
+                .client
+                .disable_destination(pb::DisableDestinationRequest {
+                    name: name.clone(),
+                    reason: reason.clone(),
+                    at_destination: *at_destination,
+                })
+                .await
+                .or_rpc_error(&a.target)?;
+            crate::revoke::show_stream(g, stream, &a.target).await
+        }
     }
 }
 

@@ -393,6 +393,20 @@ pub enum DestinationCommand {
         /// Destination name.
         name: String,
     },
+    /// Kill switch: refuse exchanges for the destination from now on and revoke every
+    /// grant of it, with receipts; with --at-destination also pull the destination's own
+    /// switch where the adapter has one (claude: archive the federation rule). Undo
+    /// lanyard's side with `lanyard deny lift destination:NAME`.
+    Disable {
+        /// Destination name.
+        name: String,
+        /// Why (required; recorded in the audit stream and the receipts).
+        #[arg(long)]
+        reason: String,
+        /// Also pull the destination's own kill switch.
+        #[arg(long)]
+        at_destination: bool,
+    },
 }
 
 /// `lanyard destination put`
@@ -706,8 +720,9 @@ pub struct RevokeArgs {
     /// Why (required; recorded in the audit stream and the signed receipts).
     #[arg(long, required = true)]
     pub reason: Option<String>,
-    /// Also refuse new exchanges of the selected workload, workload prefix or issuer for
-    /// this long, e.g. `1h` (a deny entry; lift it early with `lanyard deny lift`).
+    /// Also refuse new exchanges of the selected workload, workload prefix, issuer or
+    /// destination for this long, e.g. `1h` (a deny entry; lift it early with
+    /// `lanyard deny lift`).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub deny_for: Option<std::time::Duration>,
 }

@@ -304,7 +304,7 @@ async fn tour(ready: &Ready, data_dir: &Path) -> anyhow::Result<()> {
                 r.signature.len()
             ))?,
             Some(pb::revoke_event::Event::Summary(sm)) => summary = Some(sm),
-            None => {}
+            Some(pb::revoke_event::Event::KillSwitch(_)) | None => {}
         }
     }
     let summary = summary.context("the revocation stream ended without a summary")?;

@@ -186,6 +186,7 @@ pub async fn show_stream(
     let mut job = pb::RevocationJob::default();
     let mut receipts: Vec<pb::RevocationReceipt> = Vec::new();
     let mut summary: Option<pb::RevokeSummary> = None;
+    let mut kill_switch: Option<pb::KillSwitchResult> = None;
     let (mut handled, mut failed) = (0u64, 0u64);
     while let Some(ev) = stream.next().await {
         let ev = ev.map_err(|s| rpc_error(s, target))?;
@@ -227,6 +228,15 @@ pub async fn show_stream(
                 }
                 receipts.push(r);
             }
+            Some(Event::KillSwitch(k)) => {
+                if g.output == OutputFormat::Table {
+                    output::note(&format!(
+                        "kill switch at {}: {}: {}",
+                        k.destination, k.outcome, k.detail
+                    ));
+                }
+                kill_switch = Some(k);
+            }
             Some(Event::Summary(s)) => summary = Some(s),
             None => {}
         }
@@ -245,6 +255,11 @@ pub async fn show_stream(
             "job": job_json(&job),
             "receipts": receipts.iter().map(output::receipt_json).collect::<Vec<_>>(),
             "summary": summary_json(&summary),
+            "kill_switch": kill_switch.as_ref().map(|k| json!({
+                "destination": k.destination,
+                "outcome": k.outcome,
+                "detail": k.detail,
+            })),
         }))?,
         OutputFormat::Table => {
             emit(&kv_table(&[
@@ -261,6 +276,13 @@ pub async fn show_stream(
                 emit(&destinations_table(&summary.destinations))?;
             }
         }
+    }
+    if let Some(k) = kill_switch.as_ref().filter(|k| k.outcome == "failed") {
+        anyhow::bail!(
+            "the kill switch at destination {} failed ({}); lanyard refuses its exchanges and revoked its grants regardless",
+            k.destination,
+            k.detail
+        );
     }
     if summary.failed > 0 {
         anyhow::bail!(

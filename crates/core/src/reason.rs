@@ -113,6 +113,9 @@ reasons! {
     /// The issuer was distrusted (kill switch); its tokens are refused until an operator
     /// lifts the entry.
     IssuerDistrusted => "ISSUER_DISTRUSTED",
+    /// An operator pulled the destination's kill switch; exchanges for it are refused
+    /// until the entry is lifted.
+    DestinationDisabled => "DESTINATION_DISABLED",
     /// The RPC is defined but not served by this version.
     Unimplemented => "UNIMPLEMENTED",
     /// An internal error; the server log has the cause.

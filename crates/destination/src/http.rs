@@ -277,14 +277,17 @@ pub fn status_error(host: &str, status: StatusCode, body: &[u8]) -> DestinationE
 pub fn oauth_error(body: &[u8]) -> Option<(String, Option<String>)> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let code = v.get("error")?;
-    // Some APIs nest: {"error": {"type": "...", "message": "..."}}.
+    // Some APIs nest: {"error": {"type": "...", "message": "..."}}, and Google's APIs
+    // {"error": {"code": 403, "message": "...", "status": "PERMISSION_DENIED"}}.
     let (code, desc) = match code {
         Value::String(s) => (
             s.as_str(),
             v.get("error_description").and_then(Value::as_str),
         ),
         Value::Object(o) => (
-            o.get("type").and_then(Value::as_str)?,
+            o.get("type")
+                .or_else(|| o.get("status"))
+                .and_then(Value::as_str)?,
             o.get("message").and_then(Value::as_str),
         ),
         _ => return None,
@@ -550,7 +553,11 @@ impl CircuitBreaker {
     }
 
     fn on_success(&self) {
-        *self.lock() = BreakerState::Closed { failures: 0 };
+        let mut s = self.lock();
+        if !matches!(*s, BreakerState::Closed { .. }) {
+            tracing::info!(breaker = %self.name, "circuit closed: the trial call succeeded");
+        }
+        *s = BreakerState::Closed { failures: 0 };
     }
 
     fn on_failure(&self, trial: bool) {
@@ -560,6 +567,7 @@ impl CircuitBreaker {
                 .saturating_add(i64::try_from(self.cooldown.as_millis()).unwrap_or(i64::MAX)),
         };
         let mut s = self.lock();
+        let was_open = matches!(*s, BreakerState::Open { .. });
         *s = match *s {
             _ if trial => open,
             BreakerState::Closed { failures } => {
@@ -573,6 +581,15 @@ impl CircuitBreaker {
             // A call admitted while closed failed after the breaker opened: keep it open.
             other => other,
         };
+        if !was_open && matches!(*s, BreakerState::Open { .. }) {
+            // Once per opening, not per refused call.
+            tracing::warn!(
+                breaker = %self.name,
+                cooldown_secs = self.cooldown.as_secs(),
+                trial,
+                "circuit opened: failing fast until the cool-down ends"
+            );
+        }
     }
 
     fn on_abandoned(&self, trial: bool) {
@@ -714,6 +731,14 @@ mod tests {
         assert_eq!(
             (c.as_str(), d.as_deref()),
             ("rate_limit_error", Some("slow"))
+        );
+        let (c, d) = oauth_error(
+            br#"{"error":{"code":403,"message":"Permission denied","status":"PERMISSION_DENIED"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.as_str(), d.as_deref()),
+            ("PERMISSION_DENIED", Some("Permission denied"))
         );
         assert!(oauth_error(br#"{"error":"bad\"code"}"#).is_none());
         assert!(oauth_error(br#"{"error":"a\u0001"}"#).is_none());

@@ -395,6 +395,19 @@ pub trait Destination: Send + Sync {
         let _ = previous_handle;
         self.issue(req).await
     }
+    /// Pull the destination's own kill switch, where it has one, so that nothing lanyard
+    /// obtained there can be used or renewed there any more (Claude: archive the
+    /// federation rule). An explicit operator action (`DisableDestination`), audited;
+    /// `reason` is the operator's. Returns what was done, or `None` when this adapter
+    /// has no switch at the destination (its docs name the manual step).
+    ///
+    /// # Errors
+    /// [`DestinationError::Upstream`], or [`DestinationError::BadRequest`] when the
+    /// adapter has a switch but is not configured for it.
+    async fn kill_switch(&self, reason: &str) -> Result<Option<String>> {
+        let _ = reason;
+        Ok(None)
+    }
     /// Revoke a credential (idempotent: revoking twice is harmless).
     ///
     /// # Errors
@@ -417,6 +430,65 @@ pub trait TokenMinter: Send + Sync {
     /// [`MintError`] if there is no usable key or signing fails.
     fn mint(&self, claims: &serde_json::Value, typ: &str)
     -> std::result::Result<Secret, MintError>;
+}
+
+/// Read a one-line secret (a client secret, an admin token) from the file a
+/// destination's `field` setting names: a regular file, not a symlink, that group and
+/// others cannot access, holding the secret on one line (a final newline is dropped).
+/// Errors name the file and the problem, never the contents.
+///
+/// # Errors
+/// [`DestinationError::InvalidSettings`] for `kind`.
+pub fn read_secret_file(kind: &str, field: &str, path: &str) -> Result<Secret> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bad = |message: String| DestinationError::InvalidSettings {
+        kind: kind.to_owned(),
+        message,
+    };
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| bad(format!("cannot read {field} {path}: {}", e.kind())))?;
+    if !meta.file_type().is_file() {
+        return Err(bad(format!("{field} {path} is not a regular file")));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(bad(format!(
+            "{field} {path} is accessible by group or others (mode {mode:04o}); fix it with `chmod 600 {path}`"
+        )));
+    }
+    let raw = std::fs::read_to_string(path)
+        .map_err(|e| bad(format!("cannot read {field} {path}: {}", e.kind())))?;
+    let secret = raw.strip_suffix('\n').unwrap_or(&raw);
+    let secret = secret.strip_suffix('\r').unwrap_or(secret);
+    if secret.is_empty() || secret.contains(['\r', '\n']) {
+        return Err(bad(format!(
+            "{field} {path} must hold the secret on one line"
+        )));
+    }
+    Ok(Secret::new(secret))
+}
+
+/// Errors from sealing or opening.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SealError(pub String);
+
+/// Authenticated encryption with a key only lanyard holds, for the few secrets lanyard
+/// must keep to act later (an access token an RFC 7009 server needs to revoke it; a
+/// registered static API key). A sealed value is useless without the key, so it may be
+/// stored and shown like any other handle; `aad` binds it to its owner (a grant ID), so
+/// a sealed value moved to another record does not open.
+pub trait Sealer: Send + Sync {
+    /// Seal `plaintext`, bound to `aad`. The result is printable ASCII.
+    ///
+    /// # Errors
+    /// [`SealError`] if no randomness or key is available.
+    fn seal(&self, plaintext: &[u8], aad: &[u8]) -> std::result::Result<String, SealError>;
+    /// Open a value [`Sealer::seal`] produced with the same `aad`.
+    ///
+    /// # Errors
+    /// [`SealError`] if it was not sealed by this key, was altered, or `aad` differs.
+    fn open(&self, sealed: &str, aad: &[u8]) -> std::result::Result<Secret, SealError>;
 }
 
 /// A JWT lanyard signs to prove `req`'s workload to a destination that federates with

@@ -4,6 +4,7 @@
 //!
 //! - [`KeyRing`] owns the key directory, the rotation schedule and signing.
 //! - [`KeyRingMinter`] is the `TokenMinter` destination adapters sign with.
+//! - [`SealKey`] is the `Sealer` adapters keep secrets for later with (AES-256-GCM).
 //! - [`discovery_document`] is what `/.well-known/openid-configuration` serves.
 //!
 //! Keys are ES256 (default) or EdDSA, never RSA (RUSTSEC-2023-0071).
@@ -14,6 +15,7 @@ mod fs;
 mod material;
 mod minter;
 mod ring;
+mod seal;
 
 use std::path::PathBuf;
 
@@ -26,6 +28,7 @@ pub use ring::{
     DEFAULT_RETIRE_AFTER, KEY_FILE_EXTENSION, KeyInfo, KeyRing, KeyState, METADATA_FILE,
     install_crypto_provider,
 };
+pub use seal::{SEAL_KEY_LEN, SealKey};
 
 /// Errors from the key ring.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +86,9 @@ pub enum KeyError {
     /// The claims to sign are not a JSON object.
     #[error("claims to sign must be a json object")]
     InvalidClaims,
+    /// The seal key is unusable (wrong length, no randomness).
+    #[error("seal key: {0}")]
+    Seal(String),
     /// Signing failed (serializing the header or claims, or the signature itself).
     #[error("signing failed: {0}")]
     Sign(String),

@@ -49,6 +49,10 @@ pub struct FileConfig {
     pub policy: PolicyConfig,
     /// lanyard's signing keys.
     pub signing: SigningConfig,
+    /// The AES-256-GCM key (32 bytes, mode 0600, created on first start) that seals what
+    /// adapters keep to revoke later, such as an access token an RFC 7009 server needs.
+    /// Empty: `<data_dir>/seal.key`. Replicas sharing a database must share this file.
+    pub seal_key_file: String,
     /// Fetching issuer keys.
     pub trust: TrustConfig,
     /// Request limits.
@@ -272,6 +276,7 @@ impl Default for FileConfig {
             store: StoreConfig::default(),
             policy: PolicyConfig::default(),
             signing: SigningConfig::default(),
+            seal_key_file: String::new(),
             trust: TrustConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
@@ -591,6 +596,11 @@ impl FileConfig {
             });
         }
         Ok(Config {
+            seal_key_file: if self.seal_key_file.is_empty() {
+                self.data_dir.join("seal.key")
+            } else {
+                PathBuf::from(&self.seal_key_file)
+            },
             data_dir: self.data_dir.clone(),
             trust_domain: self.trust_domain.clone(),
             issuer_url,
@@ -709,6 +719,8 @@ pub enum StoreBackend {
 pub struct Config {
     /// State directory.
     pub data_dir: PathBuf,
+    /// The seal key file.
+    pub seal_key_file: PathBuf,
     /// SPIFFE trust domain.
     pub trust_domain: String,
     /// lanyard's issuer URL, without trailing slash.

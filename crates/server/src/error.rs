@@ -92,7 +92,9 @@ pub fn code_for(reason: ReasonCode) -> Code {
         R::ScopeNotAllowed | R::TtlInvalid | R::InvalidArgument | R::ConfigInvalid => {
             Code::InvalidArgument
         }
-        R::GrantNotActive | R::GrantRevoked | R::DestinationRejected => Code::FailedPrecondition,
+        R::GrantNotActive | R::GrantRevoked | R::DestinationRejected | R::DestinationDisabled => {
+            Code::FailedPrecondition
+        }
         R::RequestTooLarge => Code::ResourceExhausted,
         R::Conflict => Code::Aborted,
         R::Unimplemented => Code::Unimplemented,

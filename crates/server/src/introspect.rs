@@ -195,7 +195,9 @@ async fn check(
     }
     // A grant issued by a replica that had not yet seen a deny entry stays active until
     // the straggler sweep revokes it; it is refused here already.
-    if rt.deny_check(&grant.workload_id, &grant.issuer).is_some() {
+    if rt.deny_check(&grant.workload_id, &grant.issuer).is_some()
+        || rt.destination_check(&grant.destination).is_some()
+    {
         return Ok(Err(Inactive::GrantNotActive));
     }
     Ok(Ok(Introspection {
@@ -870,6 +872,7 @@ mod tests {
             Committer::start(store, 16),
             "lanyard.local".into(),
             Arc::new(Fingerprinter::open_or_create(&dir.path().join("hmac.key")).unwrap()),
+            Arc::new(lanyard_keys::SealKey::from_bytes(&[1; 32]).unwrap()),
         );
         rt.reload(true).await.unwrap();
         Env {

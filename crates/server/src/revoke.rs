@@ -140,9 +140,9 @@ impl Revocations {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DenyEntry {
-    /// `workload`, `workload_prefix` or `issuer`.
+    /// `workload`, `workload_prefix`, `issuer` or `destination`.
     pub kind: String,
-    /// The workload ID, prefix or issuer name.
+    /// The workload ID, prefix, issuer name or destination name.
     pub value: String,
     /// Why.
     pub reason: String,
@@ -200,6 +200,19 @@ impl DenyEntry {
         })
     }
 
+    /// The refusal, if this entry disables `destination` (its kill switch).
+    pub fn refuses_destination(&self, destination: &str, now: i64) -> Option<ApiError> {
+        (self.kind == "destination" && self.value == destination && self.active(now)).then(|| {
+            ApiError::new(
+                ReasonCode::DestinationDisabled,
+                format!(
+                    "destination {destination} is disabled by an operator (deny entry {})",
+                    self.name()
+                ),
+            )
+        })
+    }
+
     /// This entry merged with the one it replaces: the longer denial wins (no expiry is
     /// longest), so a later, shorter `--deny-for` never shortens a kill switch.
     pub fn merged_with(mut self, earlier: &DenyEntry, now: i64) -> Self {
@@ -220,8 +233,8 @@ pub struct RevokeInput {
     pub selector: RevokeSelector,
     /// Why (required).
     pub reason: String,
-    /// Deny new exchanges of the selected workload / prefix / issuer for this long;
-    /// `Some(None)` = until lifted (the issuer kill switch).
+    /// Deny new exchanges of the selected workload / prefix / issuer / destination for
+    /// this long; `Some(None)` = until lifted (the issuer and destination kill switches).
     pub deny: Option<Option<Duration>>,
     /// Match active grants that have expired instead (the expiry clean-up; see
     /// [`NewRevocationJob::expired_only`]).
@@ -275,10 +288,11 @@ impl Runtime {
                     RevokeSelector::Workload(_)
                         | RevokeSelector::WorkloadPrefix(_)
                         | RevokeSelector::Issuer(_)
+                        | RevokeSelector::Destination(_)
                 ) =>
             {
                 return Err(ApiError::invalid(
-                    "a deny entry needs a workload, workload_prefix or issuer selector",
+                    "a deny entry needs a workload, workload_prefix, issuer or destination selector",
                 ));
             }
             Some(Some(d)) if d.is_zero() || d > MAX_DENY => {
@@ -378,6 +392,15 @@ impl Runtime {
             .deny
             .iter()
             .find_map(|d| d.refuses(workload, issuer, now))
+    }
+
+    /// The refusal if an operator disabled `destination`, if any.
+    pub fn destination_check(&self, destination: &str) -> Option<ApiError> {
+        let now = self.clock.now_unix();
+        self.snapshot()
+            .deny
+            .iter()
+            .find_map(|d| d.refuses_destination(destination, now))
     }
 
     /// Lift a deny entry.

@@ -121,6 +121,8 @@ pub struct Runtime {
     pub trust_domain: String,
     /// Names tokens in audit events without containing them.
     pub fingerprinter: Arc<Fingerprinter>,
+    /// Seals what adapters keep to revoke later (`<data_dir>/seal.key`).
+    pub sealer: Arc<dyn lanyard_destination::Sealer>,
     /// The audit sinks this server runs, by name, and where each stands.
     pub audit_sinks: RwLock<BTreeMap<String, Arc<SinkStatus>>>,
     /// The longest delegation chain accepted (`[policy] max_delegation_depth`).
@@ -148,6 +150,7 @@ impl Runtime {
         committer: Committer,
         trust_domain: String,
         fingerprinter: Arc<Fingerprinter>,
+        sealer: Arc<dyn lanyard_destination::Sealer>,
     ) -> Self {
         Self {
             metrics: Arc::new(Metrics::for_runtime(verifier.clone(), clock.clone())),
@@ -160,6 +163,7 @@ impl Runtime {
             committer,
             trust_domain,
             fingerprinter,
+            sealer,
             audit_sinks: RwLock::new(BTreeMap::new()),
             max_delegation_depth: std::sync::atomic::AtomicUsize::new(3),
             revocations: crate::revoke::Revocations::default(),
@@ -223,7 +227,7 @@ impl Runtime {
             let built = serde_json::from_value::<DestinationSpec>(obj.spec)
                 .map_err(|e| e.to_string())
                 .and_then(|spec| {
-                    registry::build(&spec, self.minter.clone())
+                    registry::build(&spec, self.minter.clone(), self.sealer.clone())
                         .map(|adapter| DestinationEntry { spec, adapter })
                         .map_err(|e| e.to_string())
                 });
@@ -485,7 +489,10 @@ impl Runtime {
         ev.workload_id = Some(workload.id.to_string());
         ev.issuer = Some(workload.issuer.clone());
         ev.task_id = workload.task.as_ref().map(|t| t.to_string());
-        if let Some(e) = self.deny_check(workload.id.as_str(), &workload.issuer) {
+        if let Some(e) = self
+            .deny_check(workload.id.as_str(), &workload.issuer)
+            .or_else(|| self.destination_check(&input.destination))
+        {
             return Err(self.deny(ev, e).await);
         }
         // The verified claims policy saw (never the token): what `policy dry-run`
@@ -663,7 +670,10 @@ impl Runtime {
         }
         // A deny entry written while this exchange was in flight (after the check above,
         // before the commit) did not see this grant: revoke it now and hand nothing out.
-        if let Some(e) = self.deny_check(workload.id.as_str(), &workload.issuer) {
+        if let Some(e) = self
+            .deny_check(workload.id.as_str(), &workload.issuer)
+            .or_else(|| self.destination_check(&dest.spec.name))
+        {
             let input = crate::revoke::RevokeInput {
                 selector: lanyard_store::RevokeSelector::Grant(grant_id.to_string()),
                 reason: format!("issued while a deny entry was being written: {}", e.message),
@@ -805,7 +815,10 @@ impl Runtime {
         if grant.status == GrantStatus::Revoked {
             return Err(self.deny(ev, revoked_error()).await);
         }
-        if let Some(e) = self.deny_check(workload.id.as_str(), &workload.issuer) {
+        if let Some(e) = self
+            .deny_check(workload.id.as_str(), &workload.issuer)
+            .or_else(|| self.destination_check(&grant.destination))
+        {
             return Err(self.deny(ev, e).await);
         }
         if grant.status != GrantStatus::Active || grant.expires_at <= now {

@@ -198,6 +198,10 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         Fingerprinter::open_or_create(&cfg.audit.hmac_key_file)
             .context("opening the audit fingerprint key")?,
     );
+    let sealer = Arc::new(
+        lanyard_keys::SealKey::open_or_create(&cfg.seal_key_file)
+            .context("opening the seal key")?,
+    );
     let committer = Committer::start(store.clone(), cfg.max_batch);
     let rt = Arc::new(Runtime::new(
         store.clone(),
@@ -209,6 +213,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         committer,
         cfg.trust_domain.clone(),
         fingerprinter,
+        sealer,
     ));
 
     let dev = if opts.dev {

@@ -21,6 +21,9 @@ use crate::error::ApiError;
 use crate::metrics::{Outcome, destination_label};
 use crate::runtime::{ExchangeInput, RequestCtx, Runtime, truncate};
 
+/// How long a destination's own kill switch may take before it counts as failed.
+const KILL_SWITCH_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub(crate) type Rpc<T> = Result<Response<T>, Status>;
 
 pub use crate::audit_svc::AuditSvc;
@@ -353,6 +356,62 @@ impl AdminSvc {
         ))
     }
 
+    /// Pull `destination`'s own kill switch through its adapter and audit what happened
+    /// (`destination.kill_switch`). A failure at the destination is a result, not an
+    /// error: lanyard's side already holds.
+    async fn pull_kill_switch(
+        &self,
+        ctx: &RequestCtx,
+        destination: &str,
+        reason: &str,
+    ) -> Result<pb::KillSwitchResult, ApiError> {
+        let adapter = self
+            .rt
+            .snapshot()
+            .destinations
+            .get(destination)
+            .map(|d| (d.adapter.clone(), d.spec.kind.clone()));
+        let (outcome, detail) = match adapter {
+            None => (
+                "failed",
+                "the destination is stored but not loaded on this server (see its log)".to_owned(),
+            ),
+            Some((adapter, kind)) => {
+                match tokio::time::timeout(KILL_SWITCH_TIMEOUT, adapter.kill_switch(reason)).await {
+                    Ok(Ok(Some(detail))) => ("done", detail),
+                    Ok(Ok(None)) => (
+                        "unsupported",
+                        format!(
+                            "the {kind} adapter has no kill switch lanyard can pull; the manual step at the destination is in docs/destinations/"
+                        ),
+                    ),
+                    Ok(Err(e)) => ("failed", e.to_string()),
+                    Err(_) => (
+                        "failed",
+                        format!(
+                            "the destination did not answer within {}s",
+                            KILL_SWITCH_TIMEOUT.as_secs()
+                        ),
+                    ),
+                }
+            }
+        };
+        let mut ev = self.rt.event_for(kinds::DESTINATION_KILL_SWITCH, ctx);
+        ev.destination = Some(destination.to_owned());
+        ev.decision = Some(outcome.into());
+        if outcome == "failed" {
+            ev.reason = Some(ReasonCode::DestinationFailed.as_str().into());
+        }
+        ev.detail = json!({"outcome": outcome, "detail": detail, "reason": truncate(reason)});
+        self.rt.committer.commit(None, ev).await?;
+        tracing::warn!(destination, outcome, %detail, "destination kill switch pulled");
+        Ok(pb::KillSwitchResult {
+            destination: destination.to_owned(),
+            outcome: outcome.into(),
+            detail,
+        })
+    }
+
     /// A job with its progress, or `NOT_FOUND`.
     async fn job_pb(&self, id: &str) -> Result<pb::RevocationJob, ApiError> {
         let job = self.rt.store.revocation_get(id).await?.ok_or_else(|| {
@@ -564,7 +623,7 @@ impl AdminService for AdminSvc {
                 .ok_or_else(|| ApiError::invalid("destination is required"))?;
             valid_name("destination", &d.name)?;
             let spec = convert::destination_from_pb(d);
-            crate::registry::build(&spec, self.rt.minter.clone())?;
+            crate::registry::build(&spec, self.rt.minter.clone(), self.rt.sealer.clone())?;
             let value = serde_json::to_value(&spec).map_err(|e| ApiError::internal(&e))?;
             let rev = self
                 .put_object(
@@ -850,6 +909,55 @@ impl AdminService for AdminSvc {
                 Some(None),
             )
             .await
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
+    }
+
+    type DisableDestinationStream = RevokeStream;
+
+    async fn disable_destination(
+        &self,
+        req: Request<pb::DisableDestinationRequest>,
+    ) -> Rpc<Self::DisableDestinationStream> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let result = async {
+            if self
+                .rt
+                .store
+                .config_get(ConfigKind::Destination, &r.name)
+                .await?
+                .is_none()
+            {
+                return Err(ApiError::new(
+                    ReasonCode::NotFound,
+                    format!("no destination named {:?}", truncate(&r.name)),
+                ));
+            }
+            // lanyard's side first, in one transaction: the deny entry and the job.
+            let mut stream = self
+                .start_revocation(
+                    &ctx,
+                    lanyard_store::RevokeSelector::Destination(r.name.clone()),
+                    r.reason.clone(),
+                    Some(None),
+                )
+                .await?;
+            if !r.at_destination {
+                return Ok(stream);
+            }
+            let first = futures::StreamExt::next(&mut stream).await;
+            let result = self
+                .pull_kill_switch(&ctx, &r.name, r.reason.trim())
+                .await?;
+            let head = first.into_iter().chain(std::iter::once(Ok(pb::RevokeEvent {
+                event: Some(pb::revoke_event::Event::KillSwitch(result)),
+            })));
+            Ok(Box::pin(futures::StreamExt::chain(
+                futures::stream::iter(head),
+                stream,
+            )) as RevokeStream)
         }
         .await;
         result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))

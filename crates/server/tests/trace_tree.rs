@@ -168,6 +168,7 @@ async fn runtime(dir: &std::path::Path, issuer: &TestIssuer) -> Arc<Runtime> {
         Committer::start(store, 16),
         "lanyard.local".into(),
         Arc::new(Fingerprinter::open_or_create(&dir.join("audit-hmac.key")).unwrap()),
+        Arc::new(lanyard_keys::SealKey::from_bytes(&[1; 32]).unwrap()),
     ));
     rt.reload(true).await.unwrap();
     rt

@@ -4,7 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod gcp;
 pub mod issuer;
+pub mod moto;
+pub mod oauth_server;
 pub mod process;
 pub mod token_endpoint;
 

@@ -331,3 +331,21 @@ pub async fn start_federated(
     configure(&l, &issuer, Keys::JwksUrl, KeyAlg::Es256, false).await;
     (l, issuer, endpoint)
 }
+
+/// lanyard with the test issuer (`ci`, trust rule, `orders`) and a policy letting
+/// `spiffe://lanyard.local/ci/*` use destination `name`, for destinations whose fake
+/// service the test starts itself (`lanyard_testkit::gcp`). Point the fake at
+/// `l.http` (issuer) and `{l.http}/.well-known/jwks.json`.
+pub async fn start_for_destination(name: &str) -> (Lanyard, TestIssuer) {
+    let issuer = TestIssuer::start(KeyAlg::Es256).await;
+    let policy = format!(
+        "@id(\"ci-{name}\")\npermit (principal, action, resource == Lanyard::Destination::\"{name}\")\nwhen {{ principal.id like \"spiffe://lanyard.local/ci/*\" }};\n"
+    );
+    let l = Lanyard::start(LanyardOptions {
+        policy: Some(policy),
+        ..Default::default()
+    })
+    .await;
+    configure(&l, &issuer, Keys::JwksUrl, KeyAlg::Es256, false).await;
+    (l, issuer)
+}

@@ -163,7 +163,7 @@ pub async fn run(g: &GlobalArgs, n: u64) -> anyhow::Result<()> {
                     grants += r.grant_ids.len() as u64;
                 }
                 Some(pb::revoke_event::Event::Summary(s)) => break s,
-                None => {}
+                Some(pb::revoke_event::Event::KillSwitch(_)) | None => {}
             }
         };
         let last = t0.elapsed();

@@ -92,6 +92,16 @@
 //! leaves minted tokens valid until they expire. `revoke` stops nothing at Claude; it
 //! returns [`RevokeOutcome::ExpiresAt`] with the token's expiry and the residual
 //! lifetime. Keep it small with short TTLs (at least 60 s).
+//!
+//! # Kill switch (PROTOCOLS.md §1.4, §1.5)
+//! `lanyard destination disable NAME --at-destination` archives the federation rule
+//! through Anthropic's admin API: `POST <admin_url>/v1/organizations/federation_rules/
+//! <federation_rule_id>/archive` with `Authorization: Bearer <token>` (an OAuth token
+//! with the `org:admin` scope, read from `admin_token_file` when the switch is pulled;
+//! admin API keys are not accepted), `anthropic-version: 2023-06-01` and the
+//! `anthropic-beta` header. Token exchange through the rule stops at once; tokens
+//! already minted stay valid until they expire. The answer must be the rule with
+//! `archived_at` set. Without `admin_token_file` the switch fails with the manual step.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,6 +126,10 @@ pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 pub const ISSUED_TOKEN_TYPE: &str = http::ACCESS_TOKEN_TYPE;
 /// The default token endpoint.
 pub const DEFAULT_TOKEN_URL: &str = "https://api.anthropic.com/v1/oauth/token";
+/// Anthropic's admin API.
+pub const DEFAULT_ADMIN_URL: &str = "https://api.anthropic.com";
+/// `anthropic-version` of admin API calls.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// The default assertion audience.
 pub const DEFAULT_AUDIENCE: &str = "https://api.anthropic.com";
 /// The `anthropic-beta` header the official SDK sends on jwt-bearer exchanges.
@@ -171,6 +185,16 @@ pub struct ClaudeSettings {
     /// Outbound proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_url: Option<String>,
+    /// Anthropic's admin API, for the kill switch.
+    #[serde(default = "default_admin_url")]
+    pub admin_url: String,
+    /// File holding an `org:admin` OAuth token, read when the kill switch is pulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<String>,
+}
+
+fn default_admin_url() -> String {
+    DEFAULT_ADMIN_URL.to_owned()
 }
 
 fn default_token_url() -> String {
@@ -220,6 +244,13 @@ impl ClaudeSettings {
     fn validate(&self) -> Result<()> {
         http::check_endpoint(&self.token_url)
             .map_err(|m| bad(format!("settings.token_url: {m}")))?;
+        http::check_endpoint(&self.admin_url)
+            .map_err(|m| bad(format!("settings.admin_url: {m}")))?;
+        if let Some(f) = &self.admin_token_file
+            && (f.is_empty() || f.chars().any(char::is_control))
+        {
+            return Err(bad("settings.admin_token_file must be a file path".into()));
+        }
         check_id("federation_rule_id", &self.federation_rule_id, &["fdrl_"])?;
         check_id("service_account_id", &self.service_account_id, &["svac_"])?;
         check_id("organization_id", &self.organization_id, &[])?;
@@ -545,6 +576,66 @@ impl Destination for ClaudeDestination {
             resp.expires_in,
             jti,
         ))
+    }
+
+    /// Archive the federation rule (see the crate docs' Kill switch).
+    async fn kill_switch(&self, reason: &str) -> Result<Option<String>> {
+        let _ = reason;
+        let rule = &self.settings.federation_rule_id;
+        let Some(file) = &self.settings.admin_token_file else {
+            return Err(DestinationError::BadRequest(format!(
+                "settings.admin_token_file is not set, so lanyard cannot archive federation rule {rule}; archive it in the Claude Console (or set admin_token_file to a file holding an org:admin OAuth token)"
+            )));
+        };
+        let token = lanyard_destination::read_secret_file(KIND, "admin_token_file", file)?;
+        let url = http::check_endpoint(&format!(
+            "{}/v1/organizations/federation_rules/{rule}/archive",
+            self.settings.admin_url.trim_end_matches('/')
+        ))
+        .map_err(|m| bad(format!("settings.admin_url: {m}")))?;
+        let mut headers = self.headers.clone();
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+            .map_err(|_| bad("admin_token_file does not hold a header-safe token".into()))?;
+        auth.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, auth);
+        headers.insert(
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static(ANTHROPIC_VERSION),
+        );
+        let raw = http::retry(self.retry, &self.breaker, |_| {
+            let headers = headers.clone();
+            let url = &url;
+            async move {
+                http::post(
+                    &self.client,
+                    url,
+                    headers,
+                    Body::Json(&json!({})),
+                    self.settings.max_response_bytes,
+                )
+                .await
+            }
+        })
+        .await?;
+        #[derive(Deserialize)]
+        struct Archived {
+            id: String,
+            archived_at: Option<String>,
+        }
+        let a: Archived = http::parse_json(&raw, &url, "federation rule")?;
+        let host = http::host_of(&url);
+        match a.archived_at {
+            Some(at) if a.id == *rule => Ok(Some(format!(
+                "archived federation rule {rule} at {host} (archived_at {}); token exchange through it stops at once, tokens already minted stay valid until they expire",
+                at.chars().take(64).collect::<String>()
+            ))),
+            _ => Err(DestinationError::Upstream {
+                message: format!(
+                    "{host} answered without archiving federation rule {rule} (no archived_at for it)"
+                ),
+                retryable: false,
+            }),
+        }
     }
 
     /// Nothing to call: Claude cannot revoke a token (PROTOCOLS.md §1.5). States the

@@ -1172,14 +1172,14 @@ pub struct RevokeRequest {
     /// Why; required. Recorded in the audit stream and the receipts.
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
-    /// Also refuse new exchanges of the selected workload, workload prefix or issuer for
-    /// this long (a deny entry; 0 = none). Only for those three selectors.
+    /// Also refuse new exchanges of the selected workload, workload prefix, issuer or
+    /// destination for this long (a deny entry; 0 = none). Only for those four selectors.
     #[prost(uint32, tag = "3")]
     pub deny_seconds: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RevokeEvent {
-    #[prost(oneof = "revoke_event::Event", tags = "1, 2, 3")]
+    #[prost(oneof = "revoke_event::Event", tags = "1, 2, 3, 4")]
     pub event: ::core::option::Option<revoke_event::Event>,
 }
 /// Nested message and enum types in `RevokeEvent`.
@@ -1195,7 +1195,35 @@ pub mod revoke_event {
         /// The job as stored, before any destination is called.
         #[prost(message, tag = "3")]
         Job(super::RevocationJob),
+        /// DisableDestination with at_destination: what the destination's own switch did.
+        #[prost(message, tag = "4")]
+        KillSwitch(super::KillSwitchResult),
     }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DisableDestinationRequest {
+    /// The destination's name.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Why; required. Recorded in the audit stream, the receipts and the deny entry.
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+    /// Also pull the destination's own kill switch, where the adapter has one.
+    #[prost(bool, tag = "3")]
+    pub at_destination: bool,
+}
+/// What a destination's own kill switch did (audited as destination.kill_switch).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct KillSwitchResult {
+    #[prost(string, tag = "1")]
+    pub destination: ::prost::alloc::string::String,
+    /// "done" (the destination confirmed), "unsupported" (this kind has no switch lanyard
+    /// can pull; detail names the manual step) or "failed" (see detail; lanyard's side
+    /// holds regardless).
+    #[prost(string, tag = "2")]
+    pub outcome: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub detail: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RevokeSummary {
@@ -1327,10 +1355,11 @@ pub struct DistrustIssuerRequest {
 /// New exchanges matching it are refused until it expires.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DenyEntry {
-    /// "workload:<id>", "workload_prefix:<prefix>" or "issuer:<name>".
+    /// "workload:<id>", "workload_prefix:<prefix>", "issuer:<name>" or
+    /// "destination:<name>".
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
-    /// "workload", "workload_prefix" or "issuer".
+    /// "workload", "workload_prefix", "issuer" or "destination".
     #[prost(string, tag = "2")]
     pub kind: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
@@ -2145,6 +2174,38 @@ pub mod admin_service_client {
                 .insert(GrpcMethod::new("lanyard.v1.AdminService", "DistrustIssuer"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// The kill switch for a destination: refuse new exchanges for it (a deny entry
+        /// "destination:<name>" without expiry; DESTINATION_DISABLED), revoke every grant of
+        /// it with receipts and, with at_destination, pull the destination's own switch where
+        /// the adapter has one (claude: archive the federation rule through Anthropic's admin
+        /// API). The stream starts with the job, then the switch's result, then receipts.
+        /// LiftDenyEntry undoes the lanyard side; the destination side is undone there.
+        pub async fn disable_destination(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DisableDestinationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::RevokeEvent>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/DisableDestination",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("lanyard.v1.AdminService", "DisableDestination"),
+                );
+            self.inner.server_streaming(req, path, codec).await
+        }
         /// Deny entries in force (workloads, workload prefixes and issuers whose new exchanges
         /// are refused).
         pub async fn list_deny_entries(
@@ -2574,6 +2635,25 @@ pub mod admin_service_server {
             request: tonic::Request<super::DistrustIssuerRequest>,
         ) -> std::result::Result<
             tonic::Response<Self::DistrustIssuerStream>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the DisableDestination method.
+        type DisableDestinationStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::RevokeEvent, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// The kill switch for a destination: refuse new exchanges for it (a deny entry
+        /// "destination:<name>" without expiry; DESTINATION_DISABLED), revoke every grant of
+        /// it with receipts and, with at_destination, pull the destination's own switch where
+        /// the adapter has one (claude: archive the federation rule through Anthropic's admin
+        /// API). The stream starts with the job, then the switch's result, then receipts.
+        /// LiftDenyEntry undoes the lanyard side; the destination side is undone there.
+        async fn disable_destination(
+            &self,
+            request: tonic::Request<super::DisableDestinationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::DisableDestinationStream>,
             tonic::Status,
         >;
         /// Deny entries in force (workloads, workload prefixes and issuers whose new exchanges
@@ -3566,6 +3646,54 @@ pub mod admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DistrustIssuerSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/DisableDestination" => {
+                    #[allow(non_camel_case_types)]
+                    struct DisableDestinationSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::ServerStreamingService<
+                        super::DisableDestinationRequest,
+                    > for DisableDestinationSvc<T> {
+                        type Response = super::RevokeEvent;
+                        type ResponseStream = T::DisableDestinationStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DisableDestinationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::disable_destination(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DisableDestinationSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
