@@ -35,7 +35,7 @@ fn config(grant_type: &'static str, client: ClientCheck) -> Config {
         audience: String::new(),
         client,
         fields: Default::default(),
-        token_lifetime: 600,
+        token_lifetime: 300,
     }
 }
 
@@ -96,6 +96,7 @@ async fn token_exchange_with_a_client_secret_and_rfc7009_revocation() {
         ClientCheck::Secret {
             id: "lanyard client".into(),
             secret: "s3cret:with/odd chars".into(),
+            basic: true,
         },
     );
     cfg.fields.insert("scope", "read:orders read:items".into());
@@ -144,7 +145,7 @@ async fn token_exchange_with_a_client_secret_and_rfc7009_revocation() {
         300
     );
     let expires = resp.expires_at.unwrap().seconds;
-    assert!((now() + 590..=now() + 605).contains(&expires));
+    assert!((now() + 290..=now() + 305).contains(&expires));
 
     // The grant's handle is sealed: the token appears nowhere lanyard shows or logs.
     let grants = admin_cli(&l, &["grants", "list", "--output", "json"]).await;
@@ -241,11 +242,84 @@ async fn jwt_bearer_with_private_key_jwt_lapses_at_expiry() {
     );
 }
 
+/// private_key_jwt on both calls (the client assertion names the token endpoint, also
+/// at the revocation endpoint); renewing revokes the previous token at the server; a
+/// token that would outlive its grant, or a token exchange answer without
+/// issued_token_type, is refused.
+#[tokio::test]
+async fn renewal_revokes_the_previous_token_and_lifetimes_are_bounded() {
+    let (l, issuer, server) = start(config(
+        "token-exchange",
+        ClientCheck::PrivateKeyJwt {
+            id: "lanyard-client".into(),
+        },
+    ))
+    .await;
+    put(
+        &l,
+        json!({
+            "token_url": server.token_url,
+            "revocation_url": server.revocation_url,
+            "client_id": "lanyard-client",
+            "client_auth": "private_key_jwt",
+            "send_scope": false,
+            "max_attempts": 1,
+        }),
+        &[],
+    )
+    .await;
+    let first = exchange(&l, &issuer, "run-1", &[]).await.unwrap();
+    let renewed = l
+        .exchange()
+        .await
+        .renew(pb::RenewRequest {
+            grant_id: first.grant_id.clone(),
+            subject_token: issuer.mint(&claims(&issuer, "agent", "run-1")),
+            requested_ttl_seconds: 300,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(bearer(&renewed), bearer(&first));
+    assert!(server.is_active(&bearer(&renewed)));
+    assert!(
+        !server.is_active(&bearer(&first)),
+        "the previous token was revoked at the server"
+    );
+    let out = admin_cli_json(
+        &l,
+        &["revoke", "--grant", &first.grant_id, "--reason", "e2e"],
+    )
+    .await;
+    assert_eq!(out["receipts"][0]["outcome"], "revoked", "{out}");
+    assert!(
+        !server.is_active(&bearer(&renewed)),
+        "the renewed token too"
+    );
+
+    server.configure(|c| c.token_lifetime = 900);
+    let err = exchange(&l, &issuer, "run-2", &[]).await.unwrap_err();
+    assert_eq!(reason(&err), "DESTINATION_REJECTED");
+    assert!(
+        err.message().contains("longer than the grant"),
+        "{}",
+        err.message()
+    );
+}
+
 /// A server that will not revoke access tokens gives an honest `expires_at`; one that
-/// is unavailable gives a failed receipt that is retried until it succeeds.
+/// is unavailable gives a failed receipt that is retried until it succeeds. A public
+/// client sends its client_id.
 #[tokio::test]
 async fn revocation_unsupported_or_unavailable() {
-    let (l, issuer, server) = start(config("token-exchange", ClientCheck::Public)).await;
+    let (l, issuer, server) = start(config(
+        "token-exchange",
+        ClientCheck::Public {
+            id: Some("public-client".into()),
+        },
+    ))
+    .await;
     put(
         &l,
         json!({
@@ -323,7 +397,8 @@ async fn revocation_unsupported_or_unavailable() {
 /// Transport failures are DESTINATION_UNAVAILABLE; bad settings are refused at put.
 #[tokio::test]
 async fn unreachable_servers_and_bad_settings() {
-    let (l, issuer, _server) = start(config("token-exchange", ClientCheck::Public)).await;
+    let (l, issuer, _server) =
+        start(config("token-exchange", ClientCheck::Public { id: None })).await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
@@ -365,4 +440,59 @@ async fn unreachable_servers_and_bad_settings() {
         assert!(!ok);
         assert!(stderr.contains(want), "{settings}: {stderr}");
     }
+}
+
+/// client_secret_post: the secret goes in the body (and only there), read from a file
+/// only lanyard's user can read.
+#[tokio::test]
+async fn client_secret_post_sends_the_secret_in_the_body() {
+    let (l, issuer, server) = start(config(
+        "jwt-bearer",
+        ClientCheck::Secret {
+            id: "poster".into(),
+            secret: "p0st-secret".into(),
+            basic: false,
+        },
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    put(
+        &l,
+        json!({
+            "token_url": server.token_url,
+            "grant": "jwt-bearer",
+            "client_id": "poster",
+            "client_auth": "client_secret_post",
+            "client_secret_file": secret_file(&dir, "p0st-secret"),
+            "send_scope": false,
+            "max_attempts": 1,
+        }),
+        &[],
+    )
+    .await;
+    let resp = exchange(&l, &issuer, "run-1", &[]).await.unwrap();
+    assert!(server.is_active(&bearer(&resp)));
+    // Basic would be refused by this server: the same secret through the other method.
+    let out = put(
+        &l,
+        json!({
+            "token_url": server.token_url,
+            "grant": "jwt-bearer",
+            "client_id": "poster",
+            "client_auth": "client_secret_basic",
+            "client_secret_file": secret_file(&dir, "p0st-secret"),
+            "send_scope": false,
+            "max_attempts": 1,
+        }),
+        &[],
+    )
+    .await;
+    assert_eq!(out["settings"]["client_auth"], "client_secret_basic");
+    let err = exchange(&l, &issuer, "run-2", &[]).await.unwrap_err();
+    assert_eq!(reason(&err), "DESTINATION_REJECTED");
+    assert!(
+        err.message().contains("invalid_client"),
+        "{}",
+        err.message()
+    );
 }

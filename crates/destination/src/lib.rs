@@ -440,15 +440,24 @@ pub trait TokenMinter: Send + Sync {
 /// # Errors
 /// [`DestinationError::InvalidSettings`] for `kind`.
 pub fn read_secret_file(kind: &str, field: &str, path: &str) -> Result<Secret> {
-    use std::os::unix::fs::PermissionsExt as _;
+    use std::io::Read as _;
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    /// Longer than any token or secret these files hold.
+    const MAX_SECRET_FILE: u64 = 64 << 10;
     let bad = |message: String| DestinationError::InvalidSettings {
         kind: kind.to_owned(),
         message,
     };
-    let meta = std::fs::symlink_metadata(path)
-        .map_err(|e| bad(format!("cannot read {field} {path}: {}", e.kind())))?;
-    if !meta.file_type().is_file() {
+    let cannot = |e: std::io::Error| bad(format!("cannot read {field} {path}: {}", e.kind()));
+    let named = std::fs::symlink_metadata(path).map_err(cannot)?;
+    if !named.file_type().is_file() {
         return Err(bad(format!("{field} {path} is not a regular file")));
+    }
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    // Checked on the open file: the path may have been swapped after the check above.
+    let meta = file.metadata().map_err(cannot)?;
+    if (meta.dev(), meta.ino()) != (named.dev(), named.ino()) {
+        return Err(bad(format!("{field} {path} changed while it was read")));
     }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -456,8 +465,16 @@ pub fn read_secret_file(kind: &str, field: &str, path: &str) -> Result<Secret> {
             "{field} {path} is accessible by group or others (mode {mode:04o}); fix it with `chmod 600 {path}`"
         )));
     }
-    let raw = std::fs::read_to_string(path)
-        .map_err(|e| bad(format!("cannot read {field} {path}: {}", e.kind())))?;
+    if meta.len() > MAX_SECRET_FILE {
+        return Err(bad(format!(
+            "{field} {path} is larger than {MAX_SECRET_FILE} bytes"
+        )));
+    }
+    let mut raw = String::new();
+    file.by_ref()
+        .take(MAX_SECRET_FILE)
+        .read_to_string(&mut raw)
+        .map_err(cannot)?;
     let secret = raw.strip_suffix('\n').unwrap_or(&raw);
     let secret = secret.strip_suffix('\r').unwrap_or(secret);
     if secret.is_empty() || secret.contains(['\r', '\n']) {

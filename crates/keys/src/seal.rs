@@ -63,9 +63,10 @@ impl SealKey {
     /// # Errors
     /// [`KeyError`] naming the file and the problem.
     pub fn open_or_create(path: &Path) -> Result<Self> {
-        match std::fs::read(path) {
-            Ok(bytes) => {
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => {
                 check_private_file(path)?;
+                let bytes = std::fs::read(path).map_err(io_err(path))?;
                 if bytes.len() != SEAL_KEY_LEN {
                     return Err(KeyError::Seal(format!(
                         "{} holds {} bytes; a seal key is {SEAL_KEY_LEN}",
@@ -80,16 +81,30 @@ impl SealKey {
                 SystemRandom::new()
                     .fill(&mut key)
                     .map_err(|_| KeyError::Seal("no randomness for a seal key".into()))?;
+                // Written whole to a temporary file, then linked into place: a crash never
+                // leaves a short key, and of two servers starting at once exactly one
+                // key wins (link fails if the name exists) and both use it.
                 use std::os::unix::fs::OpenOptionsExt as _;
+                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
                 let mut file = std::fs::OpenOptions::new()
                     .write(true)
-                    .create_new(true)
+                    .create(true)
+                    .truncate(true)
                     .mode(0o600)
-                    .open(path)
-                    .map_err(io_err(path))?;
-                file.write_all(&key).map_err(io_err(path))?;
-                file.sync_all().map_err(io_err(path))?;
-                Self::from_bytes(&key)
+                    .open(&tmp)
+                    .map_err(io_err(&tmp))?;
+                file.write_all(&key).map_err(io_err(&tmp))?;
+                file.sync_all().map_err(io_err(&tmp))?;
+                drop(file);
+                let linked = std::fs::hard_link(&tmp, path);
+                let _ = std::fs::remove_file(&tmp);
+                match linked {
+                    Ok(()) => Self::from_bytes(&key),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Self::open_or_create(path)
+                    }
+                    Err(e) => Err(io_err(path)(e)),
+                }
             }
             Err(e) => Err(io_err(path)(e)),
         }

@@ -356,62 +356,6 @@ impl AdminSvc {
         ))
     }
 
-    /// Pull `destination`'s own kill switch through its adapter and audit what happened
-    /// (`destination.kill_switch`). A failure at the destination is a result, not an
-    /// error: lanyard's side already holds.
-    async fn pull_kill_switch(
-        &self,
-        ctx: &RequestCtx,
-        destination: &str,
-        reason: &str,
-    ) -> Result<pb::KillSwitchResult, ApiError> {
-        let adapter = self
-            .rt
-            .snapshot()
-            .destinations
-            .get(destination)
-            .map(|d| (d.adapter.clone(), d.spec.kind.clone()));
-        let (outcome, detail) = match adapter {
-            None => (
-                "failed",
-                "the destination is stored but not loaded on this server (see its log)".to_owned(),
-            ),
-            Some((adapter, kind)) => {
-                match tokio::time::timeout(KILL_SWITCH_TIMEOUT, adapter.kill_switch(reason)).await {
-                    Ok(Ok(Some(detail))) => ("done", detail),
-                    Ok(Ok(None)) => (
-                        "unsupported",
-                        format!(
-                            "the {kind} adapter has no kill switch lanyard can pull; the manual step at the destination is in docs/destinations/"
-                        ),
-                    ),
-                    Ok(Err(e)) => ("failed", e.to_string()),
-                    Err(_) => (
-                        "failed",
-                        format!(
-                            "the destination did not answer within {}s",
-                            KILL_SWITCH_TIMEOUT.as_secs()
-                        ),
-                    ),
-                }
-            }
-        };
-        let mut ev = self.rt.event_for(kinds::DESTINATION_KILL_SWITCH, ctx);
-        ev.destination = Some(destination.to_owned());
-        ev.decision = Some(outcome.into());
-        if outcome == "failed" {
-            ev.reason = Some(ReasonCode::DestinationFailed.as_str().into());
-        }
-        ev.detail = json!({"outcome": outcome, "detail": detail, "reason": truncate(reason)});
-        self.rt.committer.commit(None, ev).await?;
-        tracing::warn!(destination, outcome, %detail, "destination kill switch pulled");
-        Ok(pb::KillSwitchResult {
-            destination: destination.to_owned(),
-            outcome: outcome.into(),
-            detail,
-        })
-    }
-
     /// A job with its progress, or `NOT_FOUND`.
     async fn job_pb(&self, id: &str) -> Result<pb::RevocationJob, ApiError> {
         let job = self.rt.store.revocation_get(id).await?.ok_or_else(|| {
@@ -428,6 +372,61 @@ impl AdminSvc {
             deny_entry_of(&snap, id),
         ))
     }
+}
+
+/// Pull `destination`'s own kill switch through its adapter and audit what happened
+/// (`destination.kill_switch`). A failure at the destination is a result, not an
+/// error: lanyard's side already holds.
+async fn pull_kill_switch(
+    rt: &Runtime,
+    ctx: &RequestCtx,
+    destination: &str,
+    reason: &str,
+) -> Result<pb::KillSwitchResult, ApiError> {
+    let adapter = rt
+        .snapshot()
+        .destinations
+        .get(destination)
+        .map(|d| (d.adapter.clone(), d.spec.kind.clone()));
+    let (outcome, detail) = match adapter {
+        None => (
+            "failed",
+            "the destination is stored but not loaded on this server (see its log)".to_owned(),
+        ),
+        Some((adapter, kind)) => {
+            match tokio::time::timeout(KILL_SWITCH_TIMEOUT, adapter.kill_switch(reason)).await {
+                Ok(Ok(Some(detail))) => ("done", detail),
+                Ok(Ok(None)) => (
+                    "unsupported",
+                    format!(
+                        "the {kind} adapter has no kill switch lanyard can pull; the manual step at the destination is in docs/destinations/"
+                    ),
+                ),
+                Ok(Err(e)) => ("failed", e.to_string()),
+                Err(_) => (
+                    "failed",
+                    format!(
+                        "the destination did not answer within {}s",
+                        KILL_SWITCH_TIMEOUT.as_secs()
+                    ),
+                ),
+            }
+        }
+    };
+    let mut ev = rt.event_for(kinds::DESTINATION_KILL_SWITCH, ctx);
+    ev.destination = Some(destination.to_owned());
+    ev.decision = Some(outcome.into());
+    if outcome == "failed" {
+        ev.reason = Some(ReasonCode::DestinationFailed.as_str().into());
+    }
+    ev.detail = json!({"outcome": outcome, "detail": detail, "reason": truncate(reason)});
+    rt.committer.commit(None, ev).await?;
+    tracing::warn!(destination, outcome, %detail, "destination kill switch pulled");
+    Ok(pb::KillSwitchResult {
+        destination: destination.to_owned(),
+        outcome: outcome.into(),
+        detail,
+    })
 }
 
 /// The deny entry a job wrote, if it is still there.
@@ -948,9 +947,18 @@ impl AdminService for AdminSvc {
                 return Ok(stream);
             }
             let first = futures::StreamExt::next(&mut stream).await;
-            let result = self
-                .pull_kill_switch(&ctx, &r.name, r.reason.trim())
-                .await?;
+            // In its own task: a client that hangs up mid-call must not stop the audit
+            // event of a switch the destination may already have pulled.
+            let (rt, task_ctx, name, reason) = (
+                self.rt.clone(),
+                ctx.clone(),
+                r.name.clone(),
+                r.reason.trim().to_owned(),
+            );
+            let result =
+                tokio::spawn(async move { pull_kill_switch(&rt, &task_ctx, &name, &reason).await })
+                    .await
+                    .map_err(|e| ApiError::internal(&e))??;
             let head = first.into_iter().chain(std::iter::once(Ok(pb::RevokeEvent {
                 event: Some(pb::revoke_event::Event::KillSwitch(result)),
             })));

@@ -32,14 +32,19 @@ use crate::token_endpoint::{json_response, now, verify_jwt};
 /// How the client must authenticate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientCheck {
-    /// A public client: no authentication, `client_id` optional.
-    Public,
-    /// `client_secret_basic` or `client_secret_post` with this ID and secret.
+    /// A public client: no authentication; `client_id`, when given, must be sent.
+    Public {
+        /// The `client_id` the request must carry, if any.
+        id: Option<String>,
+    },
+    /// `client_secret_basic` (`basic`) or `client_secret_post` with this ID and secret.
     Secret {
         /// Client ID.
         id: String,
         /// Client secret.
         secret: String,
+        /// Whether the secret must come in `Authorization: Basic` (else in the body).
+        basic: bool,
     },
     /// `private_key_jwt`: a client assertion signed by a key in the JWKS at `jwks_url`.
     PrivateKeyJwt {
@@ -213,11 +218,22 @@ async fn authenticate(
             Some((dec(id)?, dec(secret)?))
         });
     match client {
-        ClientCheck::Public => Ok(()),
-        ClientCheck::Secret { id, secret } => {
+        ClientCheck::Public { id: None } => Ok(()),
+        ClientCheck::Public { id: Some(id) } => {
+            if f.get("client_id") == Some(&id) {
+                Ok(())
+            } else {
+                Err(invalid("client_id is required"))
+            }
+        }
+        ClientCheck::Secret {
+            id,
+            secret,
+            basic: want_basic,
+        } => {
             let presented = match (basic, f.get("client_id"), f.get("client_secret")) {
-                (Some(pair), None, None) => pair,
-                (None, Some(i), Some(s)) => (i.clone(), s.clone()),
+                (Some(pair), None, None) if want_basic => pair,
+                (None, Some(i), Some(s)) if !want_basic => (i.clone(), s.clone()),
                 (Some(_), _, Some(_)) => {
                     return Err(error(
                         400,
@@ -346,7 +362,9 @@ async fn revoke(State(state): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
         Ok(f) => f,
         Err(r) => return r,
     };
-    let endpoint = state.token_url.lock().unwrap().replace("/token", "/revoke");
+    // A client assertion names the token endpoint as its audience (RFC 7523 §3), also
+    // when it authenticates a revocation.
+    let endpoint = state.token_url.lock().unwrap().clone();
     if let Err(r) = authenticate(&state, &headers, &f, &endpoint).await {
         return r;
     }

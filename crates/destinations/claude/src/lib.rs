@@ -602,7 +602,15 @@ impl Destination for ClaudeDestination {
             HeaderName::from_static("anthropic-version"),
             HeaderValue::from_static(ANTHROPIC_VERSION),
         );
-        let raw = http::retry(self.retry, &self.breaker, |_| {
+        // Not through the exchange breaker: during an incident the token endpoint may be
+        // failing, and the switch must still be tried (and must not count against it).
+        let breaker = CircuitBreaker::new(
+            &format!("destination {} admin API", self.name),
+            u32::MAX,
+            Duration::from_secs(1),
+            SystemClock::shared(),
+        );
+        let raw = http::retry(self.retry, &breaker, |_| {
             let headers = headers.clone();
             let url = &url;
             async move {

@@ -95,6 +95,10 @@ pub const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// The subject token's type.
 pub const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// How a sealed revocation handle starts (`lanyard_keys::SealKey`'s format).
+const SEALED_PREFIX: &str = "v1.";
+/// Seconds a token may outlive its grant (rounding between the server's clock and ours).
+const TTL_SLACK_SECS: u64 = 5;
 /// Largest revocation answer read (RFC 7009 answers carry no body on success).
 const MAX_REVOKE_RESPONSE: usize = 64 << 10;
 
@@ -432,6 +436,17 @@ impl OAuth2Destination {
                 )));
             }
         }
+        if let Some(id) = &settings.client_id
+            && settings.client_auth == ClientAuth::PrivateKeyJwt
+            && (id.trim_end_matches('/') == minter.issuer_url().trim_end_matches('/')
+                || id.starts_with("spiffe://"))
+        {
+            // lanyard signs the client assertion with its issuer key: its `iss`/`sub` must
+            // not pass for lanyard itself or for a workload.
+            return Err(bad(
+                "settings.client_id must not be lanyard's issuer URL or a workload ID with client_auth private_key_jwt".into(),
+            ));
+        }
         let token_url = http::check_endpoint(&settings.token_url)
             .map_err(|m| bad(format!("settings.token_url: {m}")))?;
         let revocation_url = match &settings.revocation_url {
@@ -505,13 +520,11 @@ impl OAuth2Destination {
         (!out.is_empty()).then(|| out.join(" "))
     }
 
-    /// Client authentication: headers and body fields. `at` is the endpoint the client
-    /// assertion is for.
-    fn client_auth(
-        &self,
-        now: UnixTime,
-        at: &Url,
-    ) -> Result<(HeaderMap, Vec<(&'static str, Secret)>)> {
+    /// Client authentication: headers and body fields. A client assertion's `aud` is the
+    /// token endpoint, also when it authenticates a revocation call (RFC 7523 §3 names the
+    /// token endpoint; servers check their own URL, not the revocation endpoint's).
+    fn client_auth(&self, now: UnixTime) -> Result<(HeaderMap, Vec<(&'static str, Secret)>)> {
+        let at = &self.token_url;
         let mut headers = HeaderMap::new();
         let mut fields: Vec<(&'static str, Secret)> = Vec::new();
         let id = self.settings.client_id.as_deref();
@@ -593,7 +606,7 @@ impl OAuth2Destination {
         if let Some(scope) = self.scope_param(req) {
             fields.push(("scope", Secret::new(scope)));
         }
-        let (headers, auth) = self.client_auth(iat, &self.token_url)?;
+        let (headers, auth) = self.client_auth(iat)?;
         fields.extend(auth);
         let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.expose())).collect();
         let raw = http::post(
@@ -611,7 +624,7 @@ impl OAuth2Destination {
     /// RFC 7009: revoke `token` at `url`.
     async fn revoke_at(&self, url: &Url, token: &Secret, now: UnixTime) -> Result<RevokeCall> {
         let host = http::host_of(url);
-        let (headers, auth) = self.client_auth(now, url)?;
+        let (headers, auth) = self.client_auth(now)?;
         let mut pairs: Vec<(&str, &str)> = vec![
             ("token", token.expose()),
             ("token_type_hint", "access_token"),
@@ -715,6 +728,28 @@ impl Destination for OAuth2Destination {
                 )));
             }
         };
+        // A token must not outlive its grant: policy and max_ttl cap the grant's TTL.
+        if expires_in > req.ttl.as_secs().saturating_add(TTL_SLACK_SECS) {
+            return Err(refuse(format!(
+                "{host} issued a token living {expires_in}s, longer than the grant's {}s; configure the server to issue this client tokens of at most the destination's max_ttl, or request a longer ttl",
+                req.ttl.as_secs()
+            )));
+        }
+        let issued_token_type = match (self.settings.grant, resp.issued_token_type) {
+            (_, Some(t)) if t.is_empty() || t.len() > 256 || t.chars().any(char::is_control) => {
+                return Err(refuse(format!(
+                    "{host} answered with a malformed issued_token_type"
+                )));
+            }
+            (_, Some(t)) => Some(t),
+            // RFC 8693 §2.2.1: REQUIRED in a token exchange answer.
+            (Grant::TokenExchange, None) => {
+                return Err(refuse(format!(
+                    "{host} answered a token exchange without issued_token_type (RFC 8693 §2.2.1)"
+                )));
+            }
+            (Grant::JwtBearer, None) => None,
+        };
         if let Some(max) = self.settings.max_token_lifetime_secs
             && expires_in > max
         {
@@ -741,16 +776,40 @@ impl Destination for OAuth2Destination {
         );
         if let Credential::Bearer {
             token_type: t,
-            issued_token_type,
+            issued_token_type: it,
             ..
         } = &mut issued.credential
         {
             token_type.clone_into(t);
-            if let Some(it) = resp
-                .issued_token_type
-                .filter(|s| !s.is_empty() && s.len() <= 256)
+            if let Some(given) = issued_token_type {
+                *it = given;
+            }
+        }
+        Ok(issued)
+    }
+
+    /// A new token for the grant, then the previous one revoked at the server (RFC 7009)
+    /// so that renewing never leaves a live token lanyard no longer holds. A failure to
+    /// revoke the previous token is logged; it lapses at its own expiry.
+    async fn renew(&self, req: IssueRequest<'_>, previous_handle: &str) -> Result<Issued> {
+        let grant_id = req.grant_id.clone();
+        let now = req.now;
+        let issued = self.issue(req).await?;
+        if let Some(url) = &self.revocation_url
+            && previous_handle.starts_with(SEALED_PREFIX)
+        {
+            let outcome = match self
+                .sealer
+                .open(previous_handle, grant_id.as_str().as_bytes())
             {
-                *issued_token_type = it;
+                Ok(token) => self.revoke_at(url, &token, now).await.map(|_| ()),
+                Err(e) => Err(DestinationError::Upstream {
+                    message: format!("cannot open the sealed token: {e}"),
+                    retryable: false,
+                }),
+            };
+            if let Err(e) = outcome {
+                tracing::warn!(destination = %self.name, grant = %grant_id, error = %e, "renewed, but the previous access token could not be revoked; it lapses at its own expiry");
             }
         }
         Ok(issued)
@@ -769,7 +828,7 @@ impl Destination for OAuth2Destination {
                 detail: "already expired; nothing to revoke".into(),
             });
         }
-        if !req.revocation_handle.starts_with("v1.") {
+        if !req.revocation_handle.starts_with(SEALED_PREFIX) {
             return Ok(http::lapses_at_expiry(
                 &req,
                 "issued before revocation_url was configured, so lanyard kept no token to revoke",
