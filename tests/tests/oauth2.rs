@@ -11,6 +11,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use common::*;
 use lanyard_proto::v1 as pb;
 use lanyard_testkit::oauth_server::{ClientCheck, Config, OAuthServer, RevokeMode};
+use lanyard_testkit::token_endpoint::Answer;
 use lanyard_testkit::{Lanyard, TestIssuer, eventually, reason};
 use serde_json::{Value, json};
 
@@ -397,7 +398,7 @@ async fn revocation_unsupported_or_unavailable() {
 /// Transport failures are DESTINATION_UNAVAILABLE; bad settings are refused at put.
 #[tokio::test]
 async fn unreachable_servers_and_bad_settings() {
-    let (l, issuer, _server) =
+    let (l, issuer, server) =
         start(config("token-exchange", ClientCheck::Public { id: None })).await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
@@ -410,6 +411,46 @@ async fn unreachable_servers_and_bad_settings() {
     .await;
     let err = exchange(&l, &issuer, "run-1", &[]).await.unwrap_err();
     assert_eq!(reason(&err), "DESTINATION_UNAVAILABLE");
+
+    // Answers lanyard must not trust: a hang (timeout), too large, malformed, 5xx.
+    put(
+        &l,
+        json!({"token_url": server.token_url, "max_attempts": 1, "timeout_secs": 1,
+               "max_response_bytes": 4096, "send_scope": false}),
+        &[],
+    )
+    .await;
+    for (answer, want_reason, want_text) in [
+        (Answer::Hang, "DESTINATION_UNAVAILABLE", "timed out"),
+        (
+            Answer::oversized(10_000),
+            "DESTINATION_REJECTED",
+            "exceeds 4096 bytes",
+        ),
+        (
+            Answer::Raw(200, "{\"access_token\": 7".into()),
+            "DESTINATION_REJECTED",
+            "malformed token response",
+        ),
+        (
+            Answer::Json(503, json!({"error": "temporarily_unavailable"})),
+            "DESTINATION_UNAVAILABLE",
+            "temporarily_unavailable",
+        ),
+        (
+            Answer::Json(
+                200,
+                json!({"access_token": "t", "token_type": "Bearer", "expires_in": 60}),
+            ),
+            "DESTINATION_REJECTED",
+            "without issued_token_type",
+        ),
+    ] {
+        server.answer(answer);
+        let err = exchange(&l, &issuer, "run-x", &[]).await.unwrap_err();
+        assert_eq!(reason(&err), want_reason, "{}", err.message());
+        assert!(err.message().contains(want_text), "{}", err.message());
+    }
 
     for (settings, want) in [
         (json!({"token_url": "http://as.example/token"}), "https"),

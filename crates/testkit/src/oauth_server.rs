@@ -27,7 +27,7 @@ use axum::routing::post;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::token_endpoint::{json_response, now, verify_jwt};
+use crate::token_endpoint::{Answer, json_response, now, verify_jwt};
 
 /// How the client must authenticate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +96,7 @@ struct Inner {
     config: Mutex<Config>,
     token_url: Mutex<String>,
     revoke_mode: Mutex<RevokeMode>,
+    answer: Mutex<Answer>,
     seen_jti: Mutex<HashSet<String>>,
     seen_client_jti: Mutex<HashSet<String>>,
     tokens: Mutex<HashMap<String, (bool, i64)>>,
@@ -110,6 +111,7 @@ impl OAuthServer {
             config: Mutex::new(config),
             token_url: Mutex::new(String::new()),
             revoke_mode: Mutex::new(RevokeMode::Normal),
+            answer: Mutex::new(Answer::Normal),
             seen_jti: Mutex::new(HashSet::new()),
             seen_client_jti: Mutex::new(HashSet::new()),
             tokens: Mutex::new(HashMap::new()),
@@ -140,6 +142,11 @@ impl OAuthServer {
     /// Change how revocation answers.
     pub fn revoke_mode(&self, mode: RevokeMode) {
         *self.state.revoke_mode.lock().unwrap() = mode;
+    }
+
+    /// Answer every token request this way until told otherwise ([`Answer::Normal`]).
+    pub fn answer(&self, answer: Answer) {
+        *self.state.answer.lock().unwrap() = answer;
     }
 
     /// Whether `token` was issued here, is unexpired and not revoked.
@@ -277,6 +284,10 @@ fn form_urlencoded_decode(s: &str) -> Option<String> {
 }
 
 async fn token(State(state): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+    let forced = state.answer.lock().unwrap().clone();
+    if let Some(r) = forced.respond().await {
+        return r;
+    }
     let f = match form(&headers, &body) {
         Ok(f) => f,
         Err(r) => return r,
