@@ -77,6 +77,11 @@ pub enum Command {
     Renew(RenewArgs),
     /// Release a grant: the task is done, revoke its credential now.
     Release(ReleaseArgs),
+    /// Run a command with credentials for one or more destinations, only while it runs:
+    /// exchange the workload's platform token, start CMD with the credentials in its
+    /// environment (or in private files with --files, renewed before expiry), forward
+    /// signals, release every grant when CMD exits, and exit with CMD's code.
+    Run(RunArgs),
     /// Manage trusted issuers (admin socket).
     #[command(subcommand)]
     Issuer(IssuerCommand),
@@ -178,6 +183,37 @@ pub struct TokenArg {
     /// File holding the workload's token (`-` = standard input). Whitespace is trimmed.
     #[arg(long, value_name = "FILE")]
     pub token_file: PathBuf,
+}
+
+/// `lanyard run`
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// File holding the workload's platform token (a Kubernetes projected token, say),
+    /// re-read for every exchange, renewal and release since such tokens rotate.
+    #[arg(long, value_name = "FILE", env = "LANYARD_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Instead of a file, request a GitHub Actions OIDC token with this audience for
+    /// every call (needs `permissions: id-token: write`).
+    #[arg(long, value_name = "AUDIENCE")]
+    pub github_actions_audience: Option<String>,
+    /// A destination: `NAME[,scope=S]...[,ttl=SECS][,env=PREFIX]` (repeatable). Its
+    /// variables are `<PREFIX>_TOKEN`, `<PREFIX>_GRANT_ID`... (PREFIX defaults to the
+    /// name in upper case).
+    #[arg(long = "dest", value_name = "SPEC")]
+    pub dest: Vec<String>,
+    /// A TOML file of `[[destination]]` tables (`name`, `scopes`, `ttl`, `env`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Put the credentials in files (mode 0600) in a private directory (0700), renewed
+    /// before they expire; the environment holds their paths (`<PREFIX>_TOKEN_FILE`...).
+    #[arg(long)]
+    pub files: bool,
+    /// Say on standard error what was granted, renewed and released.
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 /// `lanyard exchange`

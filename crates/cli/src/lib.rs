@@ -13,6 +13,7 @@ pub mod dev_server;
 pub mod output;
 pub mod policy;
 pub mod revoke;
+pub mod run;
 pub mod serve;
 pub mod workload;
 
@@ -33,6 +34,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Exchange(a) => workload::exchange(g, a).await,
         Command::Renew(a) => workload::renew(g, a).await,
         Command::Release(a) => workload::release(g, a).await,
+        Command::Run(a) => run::run(g, a).await,
         Command::Issuer(c) => admin::issuer(g, c).await,
         Command::TrustRule(c) => admin::trust_rule(g, c).await,
         Command::Destination(c) => admin::destination(g, c).await,

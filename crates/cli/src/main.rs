@@ -17,6 +17,10 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        // `lanyard run`: the command's own exit code, nothing printed.
+        Err(ref e) if let Some(x) = e.downcast_ref::<lanyard_cli::run::ExitWith>() => {
+            ExitCode::from(x.0)
+        }
         Err(e) => {
             lanyard_cli::output::note(&error_line(&e));
             ExitCode::FAILURE
