@@ -133,11 +133,19 @@ async fn files_are_private_renewed_before_expiry_and_removed() {
         cat "$ORDERS_TOKEN_FILE" > renewed
         exit 0
     "#;
-    let out = e
+    let child = e
         .command(&["--dest", "orders,ttl=3", "--files"], script)
-        .output()
-        .await
+        .spawn()
         .unwrap();
+    // Once the command runs (the exchange is done), the platform token rotates, as a
+    // projected token does: the renewal must present the new one.
+    eventually("the command is running", || async {
+        (!read(&e.out("dir")).is_empty()).then_some(())
+    })
+    .await;
+    e.write_token("run-1");
+    let rotated = std::fs::read_to_string(e.token_file()).unwrap();
+    let out = child.wait_with_output().await.unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -161,7 +169,76 @@ async fn files_are_private_renewed_before_expiry_and_removed() {
     );
     let g = e.grant(read(&e.out("grant")).trim()).await;
     assert_eq!(g.status, "released");
-    assert!(g.renew_count >= 1, "renewed with fresh proof: {g:?}");
+    assert!(g.renew_count >= 1, "renewed: {g:?}");
+    let fp =
+        e.l.audit()
+            .await
+            .fingerprint(pb::FingerprintRequest { token: rotated })
+            .await
+            .unwrap()
+            .into_inner()
+            .fingerprint;
+    let renewed = payloads_of(&e.l, "grant.renewed").await;
+    assert!(
+        renewed
+            .iter()
+            .any(|r| r["subject_fingerprint"] == fp.as_str()),
+        "the renewal presented the rotated token: {renewed:?}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_in_files_mode_removes_the_directory() {
+    let e = setup().await;
+    let mut child = e
+        .command(
+            &["--dest", "orders", "--files"],
+            "echo \"$LANYARD_CREDENTIALS_DIR\" > dir; cat \"$ORDERS_GRANT_ID_FILE\" > grant; \
+             trap 'exit 0' TERM; while :; do sleep 0.05; done",
+        )
+        .spawn()
+        .unwrap();
+    let dir = eventually("the command is running", || async {
+        let d = read(&e.out("dir"));
+        (!d.is_empty() && !read(&e.out("grant")).is_empty()).then_some(d)
+    })
+    .await;
+    assert!(Path::new(dir.trim()).exists());
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+    assert!(!Path::new(dir.trim()).exists(), "removed on the way out");
+    let g = e.grant(read(&e.out("grant")).trim()).await;
+    assert_eq!(g.status, "released");
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_exits_127_and_releases() {
+    let e = setup().await;
+    let out = tokio::process::Command::new(lanyard_testkit::process::binary())
+        .arg("--grpc")
+        .arg(&e.l.grpc)
+        .arg("run")
+        .arg("--token-file")
+        .arg(e.token_file())
+        .args(["--dest", "orders", "--", "/nonexistent/command"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot start"));
+    let grants = admin_cli_json(&e.l, &["grants", "list"]).await;
+    assert_eq!(grants["grants"][0]["status"], "released", "{grants}");
+    // `-` is refused: the token is read again for every renewal and release.
+    let out = tokio::process::Command::new(lanyard_testkit::process::binary())
+        .args(["run", "--token-file", "-", "--dest", "orders", "--", "true"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with run"));
 }
 
 #[tokio::test]

@@ -21,8 +21,8 @@
 //! then end at their expiry.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal as _, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -123,6 +123,20 @@ impl DestSpec {
     }
 
     fn check(&self) -> anyhow::Result<()> {
+        // Also a directory name in --files mode: never a path.
+        if self.name.is_empty()
+            || self.name.len() > 63
+            || self.name.starts_with('-')
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            anyhow::bail!(
+                "destination {:?}: a name is 1-63 characters of [a-z0-9-]",
+                self.name
+            );
+        }
         let p = self.prefix();
         if p.is_empty()
             || p.starts_with(|c: char| c.is_ascii_digit())
@@ -206,8 +220,9 @@ async fn github_actions_token(audience: &str) -> anyhow::Result<Secret> {
 struct Held {
     spec: DestSpec,
     grant_id: String,
-    issued_at: i64,
     expires_at: i64,
+    /// When to renew next (files mode).
+    renew_at: i64,
     credential: Option<pb::Credential>,
 }
 
@@ -273,20 +288,16 @@ fn form_component(s: &str) -> String {
     out
 }
 
-/// Write `text` to `dir/name` atomically (a temporary file renamed over it), mode 0600.
+/// Write `text` to `dir/name` atomically: a new file (mode 0600, created exclusively
+/// under a random name) renamed over it.
 fn write_atomic(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    let mut f = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("writing in {}", dir.display()))?;
     f.write_all(text.as_bytes())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all().ok();
-    std::fs::rename(&tmp, dir.join(name))
+        .with_context(|| format!("writing in {}", dir.display()))?;
+    f.as_file().sync_all().ok();
+    f.persist(dir.join(name))
+        .map(drop)
         .with_context(|| format!("replacing {}", dir.join(name).display()))
 }
 
@@ -371,11 +382,13 @@ async fn exchange_one(
         .await
         .or_rpc_error(target)
         .with_context(|| format!("exchanging for destination {}", spec.name))?;
+    let issued_at = now();
+    let expires_at = r.expires_at.map_or(0, |t| t.seconds);
     Ok(Held {
         spec: spec.clone(),
         grant_id: r.grant_id,
-        issued_at: now(),
-        expires_at: r.expires_at.map_or(0, |t| t.seconds),
+        expires_at,
+        renew_at: first_renewal(issued_at, expires_at).max(issued_at + 1),
         credential: r.credential,
     })
 }
@@ -417,23 +430,89 @@ async fn release_all(
     }
 }
 
-/// When `h` should be renewed: two thirds into its lifetime, at least a second away.
-fn renew_due(h: &Held) -> i64 {
-    let life = (h.expires_at - h.issued_at).max(0);
-    (h.issued_at + life * 2 / 3).max(now() + 1)
+/// When `h` is first due for renewal: two thirds into its lifetime.
+fn first_renewal(issued_at: i64, expires_at: i64) -> i64 {
+    issued_at + (expires_at - issued_at).max(0) * 2 / 3
 }
+
+/// After a failed renewal: a quarter of what is left, between 5 s and a minute, and
+/// never after the credential has expired (then every 5 s).
+fn retry_renewal(now: i64, expires_at: i64) -> i64 {
+    let remaining = (expires_at - now).max(0);
+    now + (remaining / 4).clamp(5, 60)
+}
+
+/// The signals `lanyard run` handles, installed before anything is asked for.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    /// The next signal received.
+    async fn next(&mut self) -> rustix::process::Signal {
+        use rustix::process::Signal as S;
+        tokio::select! {
+            _ = self.term.recv() => S::TERM,
+            _ = self.hup.recv() => S::HUP,
+            _ = self.int.recv() => S::INT,
+            _ = self.quit.recv() => S::QUIT,
+            _ = self.usr1.recv() => S::USR1,
+            _ = self.usr2.recv() => S::USR2,
+        }
+    }
+}
+
+/// Whether a SIGINT or SIGQUIT this process got must be passed on: not when it came
+/// from the terminal while this process group is in the foreground, since the kernel
+/// then delivered it to the command (same group) as well.
+fn forward_keyboard_signal() -> bool {
+    match rustix::termios::tcgetpgrp(std::io::stdin()) {
+        Ok(foreground) => foreground != rustix::process::getpgrp(),
+        Err(_) => true,
+    }
+}
+
+/// Exit code for a signal number: 128 + n, as shells report it.
+fn signal_code(sig: i32) -> u8 {
+    u8::try_from(128 + sig).unwrap_or(255)
+}
+
+/// Bound on one exchange, renewal or release call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `lanyard run`
 ///
 /// # Errors
-/// [`ExitWith`] with the command's code once it has run; any other error before it
-/// started (nothing is left held then).
+/// [`ExitWith`] with the command's code once it has run, or 128 + n when signal n
+/// arrived before it started; any other error when it could not start (every grant
+/// obtained is released first).
 pub async fn run(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<()> {
+    // First, so that a signal during the exchanges releases what was granted.
+    let mut signals = Signals::install()?;
     let specs = specs(a)?;
     let Some((program, args)) = a.command.split_first() else {
         anyhow::bail!("give the command to run after --");
     };
     let source = match (&a.token_file, &a.github_actions_audience) {
+        (Some(f), None) if f.as_os_str() == "-" => anyhow::bail!(
+            "--token-file - cannot be used with run: the token is read again for every renewal and release, and standard input belongs to the command"
+        ),
         (Some(f), None) => TokenSource::File(f.clone()),
         (None, Some(aud)) => TokenSource::GithubActions(aud.clone()),
         _ => anyhow::bail!("give exactly one of --token-file or --github-actions-audience"),
@@ -442,26 +521,64 @@ pub async fn run(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<()> {
     let mut client = exchange_client(&g.grpc).await?;
 
     let mut held: Vec<Held> = Vec::with_capacity(specs.len());
-    for spec in &specs {
-        match exchange_one(&mut client, &source, spec, &target).await {
-            Ok(h) => {
-                if a.verbose {
-                    note(&format!(
-                        "lanyard run: {} granted (grant {}, expires in {}s)",
-                        spec.name,
-                        h.grant_id,
-                        h.expires_at - now()
-                    ));
+    let outcome = async {
+        for spec in &specs {
+            let h = tokio::select! {
+                r = tokio::time::timeout(CALL_TIMEOUT, exchange_one(&mut client, &source, spec, &target)) => {
+                    r.map_err(|_| anyhow::anyhow!("exchanging for destination {} timed out", spec.name))??
                 }
-                held.push(h);
+                sig = signals.next() => return Ok(Some(signal_code(sig.as_raw()))),
+            };
+            if a.verbose {
+                note(&format!(
+                    "lanyard run: {} granted (grant {}, expires in {}s)",
+                    spec.name,
+                    h.grant_id,
+                    h.expires_at - now()
+                ));
             }
-            Err(e) => {
-                release_all(&mut client, &source, &held, &target, a.verbose).await;
-                return Err(e);
-            }
+            held.push(h);
         }
+        anyhow::Ok(None)
     }
+    .await;
+    let code = match outcome {
+        Ok(None) => {
+            supervise(
+                a,
+                program,
+                args,
+                &mut client,
+                &source,
+                &mut held,
+                &target,
+                &mut signals,
+            )
+            .await
+        }
+        Ok(Some(code)) => Ok(code),
+        Err(e) => Err(e),
+    };
+    release_all(&mut client, &source, &held, &target, a.verbose).await;
+    Err(match code {
+        Ok(code) => ExitWith(code).into(),
+        Err(e) => e,
+    })
+}
 
+/// Start the command with the credentials, forward signals, renew, and wait for it.
+/// Returns its exit code. The private directory is removed on every path out.
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    a: &RunArgs,
+    program: &str,
+    args: &[String],
+    client: &mut ExchangeServiceClient<Channel>,
+    source: &TokenSource,
+    held: &mut [Held],
+    target: &str,
+    signals: &mut Signals,
+) -> anyhow::Result<u8> {
     let dir = if a.files {
         Some(
             tempfile::Builder::new()
@@ -480,12 +597,12 @@ pub async fn run(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<()> {
                 "LANYARD_CREDENTIALS_DIR".into(),
                 d.path().display().to_string(),
             );
-            for h in &held {
+            for h in held.iter() {
                 env.extend(write_files(d.path(), h)?);
             }
         }
         None => {
-            for h in &held {
+            for h in held.iter() {
                 let prefix = h.spec.prefix();
                 for (suffix, value, _) in fields(h) {
                     env.insert(format!("{prefix}_{suffix}"), value);
@@ -493,77 +610,72 @@ pub async fn run(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-
-    let mut child = match tokio::process::Command::new(program)
+    let spawned = tokio::process::Command::new(program)
         .args(args)
         .envs(&env)
-        .spawn()
-    {
+        .kill_on_drop(true)
+        .spawn();
+    drop(env);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            release_all(&mut client, &source, &held, &target, a.verbose).await;
-            return Err(anyhow::Error::new(e).context(format!("starting {program}")));
+            // As `env` and `timeout` do: 127 not found, 126 not executable.
+            let code = match e.kind() {
+                std::io::ErrorKind::NotFound => 127,
+                _ => 126,
+            };
+            note(&format!("lanyard run: cannot start {program}: {e}"));
+            return Ok(code);
         }
     };
-    drop(env);
     let pid = child
         .id()
         .and_then(|p| i32::try_from(p).ok())
         .and_then(rustix::process::Pid::from_raw);
-
-    let forward_interactive = !std::io::stdin().is_terminal();
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigquit = signal(SignalKind::quit())?;
-    let mut sigusr1 = signal(SignalKind::user_defined1())?;
-    let mut sigusr2 = signal(SignalKind::user_defined2())?;
     let forward = |sig: rustix::process::Signal| {
         if let Some(pid) = pid {
             let _ = rustix::process::kill_process(pid, sig);
         }
     };
-
     let status = loop {
-        let next_renewal = if dir.is_some() {
-            held.iter()
-                .enumerate()
-                .map(|(i, h)| (renew_due(h), i))
-                .min()
+        let next = if dir.is_some() {
+            held.iter().enumerate().map(|(i, h)| (h.renew_at, i)).min()
         } else {
             None
         };
-        let wait = next_renewal.map_or(Duration::from_secs(3600), |(at, _)| {
+        let wait = next.map_or(Duration::from_secs(3600), |(at, _)| {
             Duration::from_secs(u64::try_from((at - now()).max(0)).unwrap_or(0))
         });
-        use rustix::process::Signal as S;
         tokio::select! {
             status = child.wait() => break status.context("waiting for the command")?,
-            _ = sigterm.recv() => forward(S::TERM),
-            _ = sighup.recv() => forward(S::HUP),
-            _ = sigusr1.recv() => forward(S::USR1),
-            _ = sigusr2.recv() => forward(S::USR2),
-            _ = sigint.recv() => if forward_interactive { forward(S::INT) },
-            _ = sigquit.recv() => if forward_interactive { forward(S::QUIT) },
-            () = tokio::time::sleep(wait), if next_renewal.is_some() => {
-                let Some((_, i)) = next_renewal else { continue };
-                renew(&mut client, &source, &mut held[i], dir.as_ref().map(tempfile::TempDir::path), &target, a.verbose).await;
+            sig = signals.next() => {
+                use rustix::process::Signal as S;
+                if !matches!(sig, S::INT | S::QUIT) || forward_keyboard_signal() {
+                    forward(sig);
+                }
+            }
+            () = tokio::time::sleep(wait), if next.is_some() => {
+                let Some((_, i)) = next else { continue };
+                let path = dir.as_ref().map(tempfile::TempDir::path);
+                // Bounded, so signals and the command's exit are seen again soon.
+                let renewing = renew(client, source, &mut held[i], path, target, a.verbose);
+                tokio::select! {
+                    () = renewing => {}
+                    status = child.wait() => break status.context("waiting for the command")?,
+                }
             }
         }
     };
-
-    release_all(&mut client, &source, &held, &target, a.verbose).await;
     drop(dir);
-    let code = match (status.code(), status.signal()) {
+    Ok(match (status.code(), status.signal()) {
         (Some(c), _) => u8::try_from(c).unwrap_or(1),
-        (None, Some(s)) => u8::try_from(128 + s).unwrap_or(255),
+        (None, Some(s)) => signal_code(s),
         (None, None) => 1,
-    };
-    Err(ExitWith(code).into())
+    })
 }
 
-/// Renew one grant with fresh proof and rewrite its files; on failure, try again a
-/// quarter of the remaining lifetime later (the credential keeps working meanwhile).
+/// Renew one grant with fresh proof and rewrite its files; on failure, try again later
+/// (the current credential keeps working until its expiry).
 async fn renew(
     client: &mut ExchangeServiceClient<Channel>,
     source: &TokenSource,
@@ -572,7 +684,7 @@ async fn renew(
     target: &str,
     verbose: bool,
 ) {
-    let result = async {
+    let result = tokio::time::timeout(CALL_TIMEOUT, async {
         let token = source.token().await?;
         let r = client
             .renew(pb::RenewRequest {
@@ -584,12 +696,14 @@ async fn renew(
             .await
             .or_rpc_error(target)?;
         anyhow::Ok(r)
-    }
-    .await;
+    })
+    .await
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
     match result {
         Ok(r) => {
-            h.issued_at = now();
+            let issued_at = now();
             h.expires_at = r.expires_at.map_or(h.expires_at, |t| t.seconds);
+            h.renew_at = first_renewal(issued_at, h.expires_at).max(issued_at + 1);
             h.credential = r.credential;
             if let Some(dir) = dir
                 && let Err(e) = write_files(dir, h)
@@ -608,20 +722,15 @@ async fn renew(
             }
         }
         Err(e) => {
-            let remaining = (h.expires_at - now()).max(0);
+            let n = now();
+            h.renew_at = retry_renewal(n, h.expires_at);
             note(&format!(
-                "lanyard run: warning: renewing {} failed ({}); {}s left, trying again",
+                "lanyard run: warning: renewing {} failed ({}); {}s left, trying again in {}s",
                 h.spec.name,
                 crate::error_line(&e),
-                remaining
+                (h.expires_at - n).max(0),
+                h.renew_at - n
             ));
-            // Pretend it was issued so that the next attempt is a while away.
-            h.issued_at = now() - (remaining / 4).max(1) * 2;
-            h.expires_at = now() + (remaining / 4).max(1);
-            if remaining == 0 {
-                h.issued_at = now();
-                h.expires_at = now() + 30;
-            }
         }
     }
 }
@@ -646,6 +755,9 @@ mod tests {
             "a,scope",
             "a,env=1X",
             "a,env=A-B",
+            "../etc",
+            "/abs",
+            "Orders",
         ] {
             assert!(DestSpec::parse(bad).is_err(), "{bad}");
         }
@@ -657,15 +769,13 @@ mod tests {
     }
 
     #[test]
-    fn renewal_is_two_thirds_in() {
-        let n = now();
-        let h = Held {
-            spec: DestSpec::parse("a").unwrap(),
-            grant_id: "g".into(),
-            issued_at: n,
-            expires_at: n + 300,
-            credential: None,
-        };
-        assert_eq!(renew_due(&h), n + 200);
+    fn renewal_is_two_thirds_in_and_retries_back_off() {
+        assert_eq!(first_renewal(1000, 1300), 1200);
+        assert_eq!(first_renewal(1000, 1000), 1000);
+        // A quarter of what is left, at least 5 s and at most a minute.
+        assert_eq!(retry_renewal(1000, 1100), 1025);
+        assert_eq!(retry_renewal(1000, 1004), 1005);
+        assert_eq!(retry_renewal(1000, 5000), 1060);
+        assert_eq!(retry_renewal(1000, 900), 1005, "expired: every 5 s");
     }
 }
