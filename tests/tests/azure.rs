@@ -11,6 +11,7 @@ mod common;
 
 use common::*;
 use lanyard_proto::v1 as pb;
+use lanyard_testkit::minter::merged;
 use lanyard_testkit::reason;
 use lanyard_testkit::token_endpoint::{
     ACCESS_TOKEN, Answer, Expect, TokenEndpoint, entra_error_body,
@@ -58,7 +59,7 @@ async fn setup() -> (Lanyard, TestIssuer, TokenEndpoint) {
 }
 
 async fn put(l: &Lanyard, entra: &TokenEndpoint, extra: Value) -> Result<(), tonic::Status> {
-    let mut settings = json!({
+    let settings = json!({
         "tenant_id": TENANT,
         "client_id": CLIENT,
         "resource": ARM,
@@ -68,9 +69,7 @@ async fn put(l: &Lanyard, entra: &TokenEndpoint, extra: Value) -> Result<(), ton
         "timeout_secs": 2,
         "breaker_threshold": 100,
     });
-    for (k, v) in extra.as_object().unwrap() {
-        settings[k] = v.clone();
-    }
+    let settings = merged(settings, &extra);
     l.admin()
         .await
         .put_destination(pb::PutDestinationRequest {
@@ -106,13 +105,7 @@ async fn a_workload_gets_an_entra_token_with_a_lanyard_client_assertion() {
     let mut c = l.exchange().await;
     let resp = c.exchange(ask(&issuer, &[])).await.unwrap().into_inner();
     assert_eq!(bearer(&resp), ACCESS_TOKEN);
-    match resp.credential.as_ref().unwrap().kind.as_ref().unwrap() {
-        pb::credential::Kind::Bearer(b) => assert_eq!(
-            (b.token_type.as_str(), b.header.as_str()),
-            ("Bearer", "authorization")
-        ),
-        other => panic!("{other:?}"),
-    }
+    assert_authorization_bearer(&resp);
     assert_eq!(resp.revocability, pb::Revocability::AtExpiry as i32);
     // Entra chooses the lifetime; lanyard reports the real expiry, not the grant's TTL.
     let expires = resp.expires_at.unwrap().seconds;
@@ -143,28 +136,7 @@ async fn a_workload_gets_an_entra_token_with_a_lanyard_client_assertion() {
     assert!(!l.log().contains(ACCESS_TOKEN));
 
     // Revocation via the CLI: Entra tokens cannot be revoked; the receipt says until when.
-    let out = admin_cli_json(
-        &l,
-        &["revoke", "--grant", &resp.grant_id, "--reason", "e2e"],
-    )
-    .await;
-    assert_eq!(out["summary"]["expires_at"], 1, "{out}");
-    let r = &out["receipts"][0];
-    assert_eq!(r["outcome"], "expires_at", "{out}");
-    assert!(r["expires_at"].is_string(), "{out}");
-    assert!(r["detail"].as_str().unwrap().contains("Entra"), "{out}");
-    // The residual it states is the credential's remaining life.
-    let detail = r["detail"].as_str().unwrap();
-    let residual: i64 = detail
-        .rsplit_once('(')
-        .and_then(|(_, t)| t.strip_suffix("s after revocation)"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no residual in {detail:?}"));
-    assert!(
-        (expires - now() - 5..=expires - now() + 1).contains(&residual),
-        "residual {residual}s, expiry in {}s",
-        expires - now()
-    );
+    revoke_states_residual(&l, &resp.grant_id, "Entra", expires).await;
 }
 
 #[tokio::test]
@@ -175,16 +147,7 @@ async fn entra_refusals_outages_and_bad_answers_map_to_reason_codes() {
         .unwrap();
     let mut c = l.exchange().await;
     c.exchange(ask(&issuer, &[])).await.unwrap();
-    let fails = |reason_want: &'static str, text: &'static str| {
-        let mut c = c.clone();
-        let req = ask(&issuer, &[]);
-        async move {
-            let err = c.exchange(req).await.unwrap_err();
-            assert_eq!(reason(&err), reason_want, "{}", err.message());
-            assert!(err.message().contains(text), "{}", err.message());
-            assert!(!err.message().contains("eyJ"), "{}", err.message());
-        }
-    };
+    let fails = |want, text| assert_refused(c.clone(), ask(&issuer, &[]), want, text, &[]);
 
     // The federated identity credential does not match: subject, audience, issuer.
     entra.expect_subject(Some("spiffe://lanyard.local/ci/someone-else"));

@@ -74,15 +74,7 @@ async fn a_workload_gets_a_claude_token_through_lanyard() {
     };
     let resp = c.exchange(ask(120)).await.unwrap().into_inner();
     assert_eq!(bearer(&resp), ACCESS_TOKEN);
-    match resp.credential.as_ref().unwrap().kind.as_ref().unwrap() {
-        pb::credential::Kind::Bearer(b) => {
-            assert_eq!(
-                (b.token_type.as_str(), b.header.as_str()),
-                ("Bearer", "authorization")
-            );
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_authorization_bearer(&resp);
     assert_eq!(resp.revocability, pb::Revocability::AtExpiry as i32);
     // The token lives no longer than the grant allows.
     let expires = resp.expires_at.unwrap().seconds;

@@ -14,6 +14,7 @@ use lanyard_proto::v1 as pb;
 use lanyard_testkit::gcp::{
     FEDERATED_PREFIX, FakeGcp, GcpExpect, SA_TOKEN_PREFIX, google_error_body,
 };
+use lanyard_testkit::minter::merged;
 use lanyard_testkit::reason;
 use lanyard_testkit::token_endpoint::Answer;
 use lanyard_testkit::{Lanyard, TestIssuer};
@@ -37,7 +38,7 @@ async fn setup() -> (Lanyard, TestIssuer, FakeGcp) {
 }
 
 async fn put(l: &Lanyard, fake: &FakeGcp, extra: Value) {
-    let mut settings = json!({
+    let settings = json!({
         "audience": AUD,
         "sts_url": fake.sts_url,
         "iam_credentials_url": fake.iam_url,
@@ -45,9 +46,7 @@ async fn put(l: &Lanyard, fake: &FakeGcp, extra: Value) {
         "timeout_secs": 2,
         "breaker_threshold": 100,
     });
-    for (k, v) in extra.as_object().unwrap() {
-        settings[k] = v.clone();
-    }
+    let settings = merged(settings, &extra);
     l.admin()
         .await
         .put_destination(pb::PutDestinationRequest {
@@ -88,13 +87,7 @@ async fn a_workload_gets_a_service_account_token_through_sts_and_impersonation()
     let resp = c.exchange(ask(&issuer, 300)).await.unwrap().into_inner();
     let token = bearer(&resp);
     assert!(token.starts_with(SA_TOKEN_PREFIX), "{token}");
-    match resp.credential.as_ref().unwrap().kind.as_ref().unwrap() {
-        pb::credential::Kind::Bearer(b) => assert_eq!(
-            (b.token_type.as_str(), b.header.as_str()),
-            ("Bearer", "authorization")
-        ),
-        other => panic!("{other:?}"),
-    }
+    assert_authorization_bearer(&resp);
     assert_eq!(resp.revocability, pb::Revocability::AtExpiry as i32);
     assert_eq!(resp.workload_id, WORKLOAD);
     // The token expires with the grant: Google's expireTime for the lifetime asked.
@@ -145,28 +138,7 @@ async fn a_workload_gets_a_service_account_token_through_sts_and_impersonation()
     assert!(!log.contains(FEDERATED_PREFIX));
 
     // Revocation via the CLI: Google cannot revoke; the receipt states the residual.
-    let out = admin_cli_json(
-        &l,
-        &["revoke", "--grant", &resp.grant_id, "--reason", "e2e"],
-    )
-    .await;
-    assert_eq!(out["summary"]["expires_at"], 1, "{out}");
-    let r = &out["receipts"][0];
-    assert_eq!(r["outcome"], "expires_at", "{out}");
-    assert!(r["expires_at"].is_string(), "{out}");
-    assert!(r["detail"].as_str().unwrap().contains("Google"), "{out}");
-    // The residual it states is the credential's remaining life.
-    let detail = r["detail"].as_str().unwrap();
-    let residual: i64 = detail
-        .rsplit_once('(')
-        .and_then(|(_, t)| t.strip_suffix("s after revocation)"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no residual in {detail:?}"));
-    assert!(
-        (expires - now() - 5..=expires - now() + 1).contains(&residual),
-        "residual {residual}s, expiry in {}s",
-        expires - now()
-    );
+    revoke_states_residual(&l, &resp.grant_id, "Google", expires).await;
     // Revocation calls nothing at Google.
     assert_eq!(fake.generated().len(), 2);
 }
@@ -226,17 +198,7 @@ async fn google_refusals_outages_and_bad_answers_map_to_reason_codes() {
     .await;
     let mut c = l.exchange().await;
     c.exchange(ask(&issuer, 300)).await.unwrap();
-    let fails = |reason_want: &'static str, text: &'static str| {
-        let mut c = c.clone();
-        let req = ask(&issuer, 300);
-        async move {
-            let err = c.exchange(req).await.unwrap_err();
-            assert_eq!(reason(&err), reason_want, "{}", err.message());
-            assert!(err.message().contains(text), "{}", err.message());
-            assert!(!err.message().contains("eyJ"), "{}", err.message());
-            assert!(!err.message().contains("ya29."), "{}", err.message());
-        }
-    };
+    let fails = |want, text| assert_refused(c.clone(), ask(&issuer, 300), want, text, &["ya29."]);
 
     // STS refuses (OAuth shape), from its own checks: the attribute condition...
     fake.expect(|e| e.subject = Some("spiffe://lanyard.local/ci/someone-else".into()));

@@ -54,6 +54,13 @@ pub const REVOCATION_ABANDONED: &str = "revocation.abandoned";
 /// An operator pulled a destination's own kill switch (`DisableDestination` with
 /// `at_destination`); `detail.outcome` is `done`, `unsupported` or `failed`.
 pub const DESTINATION_KILL_SWITCH: &str = "destination.kill_switch";
+/// One request forwarded (or refused) by the proxy for a static-key destination:
+/// method, the matched rule's path pattern, status, bytes; never bodies, queries or keys.
+pub const PROXY_REQUEST: &str = "proxy.request";
+/// An operator set or rotated a destination's static key (never the key itself).
+pub const DESTINATION_SECRET_PUT: &str = "destination_secret.put";
+/// A destination's static key was removed (with its destination).
+pub const DESTINATION_SECRET_DELETE: &str = "destination_secret.delete";
 /// An operator ran Explain.
 pub const ADMIN_EXPLAIN: &str = "admin.explain";
 /// A signed checkpoint of the chain head.

@@ -8,8 +8,9 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 use crate::args::{
-    DestinationCommand, DestinationPutArgs, ExplainArgs, GlobalArgs, GrantsCommand, GrantsListArgs,
-    IssuerCommand, IssuerPutArgs, KeysCommand, OutputFormat, TrustRuleCommand, TrustRulePutArgs,
+    DestinationCommand, DestinationPutArgs, DestinationSecretCommand, ExplainArgs, GlobalArgs,
+    GrantsCommand, GrantsListArgs, IssuerCommand, IssuerPutArgs, KeysCommand, OutputFormat,
+    TrustRuleCommand, TrustRulePutArgs,
 };
 use crate::client::{RpcResultExt, admin_client, admin_target};
 use crate::output::{self, emit, emit_json, joined, kv_table, list_table, now, or_dash};
@@ -147,6 +148,79 @@ pub async fn issuer(g: &GlobalArgs, cmd: &IssuerCommand) -> anyhow::Result<()> {
             crate::revoke::show_stream(g, stream, &a.target).await
         }
     }
+}
+
+/// The longest key file read.
+const MAX_SECRET_INPUT: u64 = 64 << 10;
+
+/// Read a key from `path` (`-` or `None`: standard input): one line, final newline
+/// dropped. Errors never include the contents.
+fn read_secret_input(path: Option<&std::path::Path>) -> anyhow::Result<lanyard_core::Secret> {
+    use std::io::Read as _;
+    let mut raw = String::new();
+    match path.filter(|p| p.as_os_str() != "-") {
+        Some(p) => std::fs::File::open(p)
+            .and_then(|f| f.take(MAX_SECRET_INPUT).read_to_string(&mut raw))
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {}", p.display(), e.kind()))?,
+        None => std::io::stdin()
+            .take(MAX_SECRET_INPUT)
+            .read_to_string(&mut raw)
+            .map_err(|e| anyhow::anyhow!("cannot read standard input: {}", e.kind()))?,
+    };
+    let line = raw.strip_suffix('\n').unwrap_or(&raw);
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    if line.is_empty() || line.contains(['\r', '\n']) {
+        anyhow::bail!("the key must be one non-empty line");
+    }
+    Ok(lanyard_core::Secret::new(line))
+}
+
+async fn destination_secret(
+    g: &GlobalArgs,
+    a: &mut Admin,
+    cmd: &DestinationSecretCommand,
+) -> anyhow::Result<()> {
+    let r = match cmd {
+        DestinationSecretCommand::Set { name, from_file } => {
+            let secret = read_secret_input(from_file.as_deref())?;
+            a.client
+                .put_destination_secret(pb::PutDestinationSecretRequest {
+                    destination: name.clone(),
+                    secret: secret.into_inner(),
+                })
+                .await
+                .or_rpc_error(&a.target)?
+        }
+        DestinationSecretCommand::Show { name } => a
+            .client
+            .get_destination_secret(pb::GetRequest { name: name.clone() })
+            .await
+            .or_rpc_error(&a.target)?,
+    };
+    print(
+        g,
+        || {
+            json!({
+                "destination": r.destination,
+                "secret_set": r.secret_set,
+                "secret_updated_at": output::ts_json(r.secret_updated_at.as_ref()),
+                "fingerprint": r.fingerprint,
+                "updated_by": r.updated_by,
+            })
+        },
+        || {
+            kv_table(&[
+                ("destination", r.destination.clone()),
+                (
+                    "secret set",
+                    if r.secret_set { "yes" } else { "no" }.to_owned(),
+                ),
+                ("updated", output::when(r.secret_updated_at.as_ref(), now())),
+                ("updated by", or_dash(&r.updated_by)),
+                ("fingerprint", or_dash(&r.fingerprint)),
+            ])
+        },
+    )
 }
 
 fn print_issuer(g: &GlobalArgs, i: &pb::Issuer) -> anyhow::Result<()> {
@@ -483,6 +557,7 @@ pub async fn destination(g: &GlobalArgs, cmd: &DestinationCommand) -> anyhow::Re
                 .or_rpc_error(&a.target)?;
             crate::revoke::show_stream(g, stream, &a.target).await
         }
+        DestinationCommand::Secret(cmd) => destination_secret(g, &mut a, cmd).await,
     }
 }
 

@@ -146,6 +146,10 @@ pub struct ServeArgs {
     /// Cedar policy file (overrides `policy.file`).
     #[arg(long, value_name = "FILE")]
     pub policy_file: Option<PathBuf>,
+    /// Run the lanyard proxy (the broker for static-key destinations) on this address
+    /// (overrides `proxy.listen`; see docs/proxy.md).
+    #[arg(long, value_name = "ADDR")]
+    pub proxy_listen: Option<String>,
 }
 
 // === dev ===
@@ -442,6 +446,30 @@ pub enum DestinationCommand {
         /// Also pull the destination's own kill switch.
         #[arg(long)]
         at_destination: bool,
+    },
+    /// A destination's static key (`proxy` destinations), write-only: set or rotate it,
+    /// or show whether one is set. The key is never printed, logged or returned.
+    #[command(subcommand)]
+    Secret(DestinationSecretCommand),
+}
+
+/// `lanyard destination secret ...`
+#[derive(Debug, Subcommand)]
+pub enum DestinationSecretCommand {
+    /// Set or rotate the key, read from a file or standard input (never from the command
+    /// line, where other users and shell history would see it). One line; a final
+    /// newline is dropped.
+    Set {
+        /// Destination name.
+        name: String,
+        /// Read the key from this file; `-` or absent: standard input.
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+    },
+    /// Whether a key is set, since when, by whom, and its fingerprint.
+    Show {
+        /// Destination name.
+        name: String,
     },
 }
 

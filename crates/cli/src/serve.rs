@@ -35,6 +35,7 @@ pub fn flag_overrides(
             .policy_file
             .as_ref()
             .map(|p| p.to_string_lossy().into_owned()),
+        proxy_listen: a.proxy_listen.clone(),
     }
 }
 

@@ -15,7 +15,7 @@ macro_rules! reasons {
             /// Every reason code, for documentation and tests.
             pub const ALL: &'static [ReasonCode] = &[ $(ReasonCode::$name),* ];
             /// The stable wire spelling, e.g. `TOKEN_EXPIRED`.
-            pub fn as_str(self) -> &'static str {
+            pub const fn as_str(self) -> &'static str {
                 match self { $(ReasonCode::$name => $s),* }
             }
             /// Parse the wire spelling.
@@ -116,6 +116,12 @@ reasons! {
     /// An operator pulled the destination's kill switch; exchanges for it are refused
     /// until the entry is lifted.
     DestinationDisabled => "DESTINATION_DISABLED",
+    /// The proxy refused a request it will not forward as sent (path traversal, header
+    /// smuggling, a second key header).
+    ProxyDenied => "PROXY_DENIED",
+    /// The grant made more requests through the proxy than its destination allows per
+    /// minute; `Retry-After` says when to try again.
+    RateLimited => "RATE_LIMITED",
     /// The RPC is defined but not served by this version.
     Unimplemented => "UNIMPLEMENTED",
     /// An internal error; the server log has the cause.

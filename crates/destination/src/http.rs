@@ -170,43 +170,50 @@ pub async fn post(
             .body(serde_json::to_vec(v).unwrap_or_default()),
         Body::Form(pairs) => req.form(pairs),
     };
-    let transport = |e: reqwest::Error| transport_error(&host, &e);
-    let mut resp = req.send().await.map_err(transport)?;
+    let mut resp = req.send().await.map_err(|e| transport_error(&host, &e))?;
     let status = resp.status();
-    let too_large = || DestinationError::Upstream {
-        message: format!("response from {host} exceeds {max_response_bytes} bytes"),
-        retryable: false,
-    };
+    match (
+        status.is_success(),
+        read_capped(&mut resp, &host, max_response_bytes).await?,
+    ) {
+        (true, Some(buf)) => Ok(buf),
+        (true, None) => Err(too_large(&host, max_response_bytes)),
+        (false, buf) => Err(status_error(&host, status, buf.as_deref().unwrap_or(&[]))),
+    }
+}
+
+/// The body of `resp` (from `host`), or `None` if it is longer than `max` bytes (said
+/// by `Content-Length`, or found while reading: then reading stops).
+///
+/// # Errors
+/// [`transport_error`] if reading fails.
+pub async fn read_capped(
+    resp: &mut reqwest::Response,
+    host: &str,
+    max: usize,
+) -> Result<Option<Vec<u8>>, DestinationError> {
     if resp
         .content_length()
-        .is_some_and(|n| n > u64::try_from(max_response_bytes).unwrap_or(u64::MAX))
+        .is_some_and(|n| n > u64::try_from(max).unwrap_or(u64::MAX))
     {
-        return Err(if status.is_success() {
-            too_large()
-        } else {
-            status_error(&host, status, &[])
-        });
+        return Ok(None);
     }
     let mut buf = Vec::new();
-    let mut truncated = false;
-    while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-        if buf.len().saturating_add(chunk.len()) > max_response_bytes {
-            truncated = true;
-            break;
+    while let Some(chunk) = resp.chunk().await.map_err(|e| transport_error(host, &e))? {
+        if buf.len().saturating_add(chunk.len()) > max {
+            return Ok(None);
         }
         buf.extend_from_slice(&chunk);
     }
-    if status.is_success() {
-        if truncated {
-            return Err(too_large());
-        }
-        return Ok(buf);
+    Ok(Some(buf))
+}
+
+/// A successful answer from `host` longer than `max` bytes (not retryable).
+pub fn too_large(host: &str, max: usize) -> DestinationError {
+    DestinationError::Upstream {
+        message: format!("response from {host} exceeds {max} bytes"),
+        retryable: false,
     }
-    Err(status_error(
-        &host,
-        status,
-        if truncated { &[] } else { &buf },
-    ))
 }
 
 /// Parse a successful body as `T`.
@@ -238,8 +245,8 @@ fn json_error_kind(e: &serde_json::Error) -> &'static str {
     }
 }
 
-/// Map a transport failure (no HTTP answer) to a retryable error.
-fn transport_error(host: &str, e: &reqwest::Error) -> DestinationError {
+/// Map a transport failure (no HTTP answer from `host`) to a retryable error.
+pub fn transport_error(host: &str, e: &reqwest::Error) -> DestinationError {
     let what = if e.is_timeout() {
         format!("request to {host} timed out")
     } else if e.is_connect() {
@@ -416,6 +423,31 @@ where
             other => return other,
         }
     }
+}
+
+/// [`retry`] for a call that mints a fresh, single-use JWT on every attempt:
+/// `call(iat)` gets the attempt's issue time, `now` (when the exchange began, from
+/// lanyard's clock) plus the whole seconds elapsed since `started`.
+///
+/// # Errors
+/// As [`retry`].
+pub async fn retry_minting<T, F, Fut>(
+    policy: RetryPolicy,
+    breaker: &CircuitBreaker,
+    now: lanyard_core::UnixTime,
+    started: tokio::time::Instant,
+    mut call: F,
+) -> Result<T, DestinationError>
+where
+    F: FnMut(lanyard_core::UnixTime) -> Fut,
+    Fut: Future<Output = Result<T, DestinationError>>,
+{
+    retry(policy, breaker, |_attempt| {
+        // A fresh JWT (new jti, iat = now) per attempt: never replayed.
+        let elapsed = i64::try_from(started.elapsed().as_secs()).unwrap_or(i64::MAX);
+        call(now.saturating_add(elapsed))
+    })
+    .await
 }
 
 /// A uniformly random duration in `[cap/2, cap]`.
@@ -662,6 +694,33 @@ pub fn bearer_issued(
         expires_at: now
             .saturating_add(i64::try_from(spent.saturating_add(expires_in)).unwrap_or(i64::MAX)),
         revocation_handle,
+    }
+}
+
+/// An answer lanyard refuses to hand out (not retryable): incomplete, malformed, or a
+/// token living too long.
+pub fn refused(message: String) -> DestinationError {
+    DestinationError::Upstream {
+        message,
+        retryable: false,
+    }
+}
+
+/// Refuse a token from `host` living `expires_in` seconds when the destination's
+/// `max_token_lifetime_secs` is set and lower.
+///
+/// # Errors
+/// [`refused`]: `<host> issued a token living Ns, more than max_token_lifetime_secs Ms`.
+pub fn check_max_lifetime(
+    host: &str,
+    expires_in: u64,
+    max_token_lifetime_secs: Option<u64>,
+) -> Result<(), DestinationError> {
+    match max_token_lifetime_secs {
+        Some(max) if expires_in > max => Err(refused(format!(
+            "{host} issued a token living {expires_in}s, more than max_token_lifetime_secs {max}s"
+        ))),
+        _ => Ok(()),
     }
 }
 

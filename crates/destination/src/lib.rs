@@ -1,6 +1,8 @@
 //! The `Destination` trait every adapter implements (issue a credential, revoke it, say
 //! how revocable it is), the settings common to every destination, the [`TokenMinter`]
-//! adapters use to have lanyard sign assertions, and [`DestinationError`]. No adapter
+//! adapters use to have lanyard sign assertions, and [`DestinationError`]; [`http`]
+//! and [`settings`] hold the plumbing the HTTP adapters share (transport, retries,
+//! circuit breaker; settings parsing, checks and the tuning settings). No adapter
 //! lives here: adapters are crates under `crates/destinations/`, and the one registry
 //! mapping a `kind` to a constructor lives in `lanyard-server`.
 
@@ -11,6 +13,7 @@ use lanyard_core::{GrantId, Scope, Secret, TaskId, Ttl, UnixTime, WorkloadId};
 use serde::{Deserialize, Serialize};
 
 pub mod http;
+pub mod settings;
 
 /// Errors from a destination adapter.
 #[derive(Debug, thiserror::Error)]

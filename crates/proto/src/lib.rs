@@ -53,6 +53,7 @@ pub mod v1 {
     redacted_debug!(AwsCredentials { access_key_id, region } [secret_access_key, session_token]);
     redacted_debug!(FingerprintRequest {}[token]);
     redacted_debug!(IntrospectRequest { client_token_type } [token, client_token]);
+    redacted_debug!(PutDestinationSecretRequest { destination }[secret]);
     redacted_debug!(
         DatabaseCredentials {
             host,
@@ -85,6 +86,12 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{b:?}").contains("tok-abc"));
+        let k = PutDestinationSecretRequest {
+            destination: "claude".into(),
+            secret: "sk-static-key".into(),
+        };
+        let s = format!("{k:?}");
+        assert!(!s.contains("sk-static-key") && s.contains("claude"), "{s}");
     }
 
     #[test]

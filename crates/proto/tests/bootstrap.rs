@@ -19,6 +19,7 @@ const SECRET_MESSAGES: &[&str] = &[
     ".lanyard.v1.DatabaseCredentials",
     ".lanyard.v1.FingerprintRequest",
     ".lanyard.v1.IntrospectRequest",
+    ".lanyard.v1.PutDestinationSecretRequest",
 ];
 
 fn generate(out: &Path) -> Vec<u8> {

@@ -65,6 +65,35 @@ pub struct FileConfig {
     pub telemetry: TelemetryConfig,
     /// Revocation jobs.
     pub revocation: RevocationConfig,
+    /// The broker for static-key destinations (`kind = "proxy"`).
+    pub proxy: ProxySection,
+}
+
+/// `[proxy]`: the HTTP listener that brokers requests to `proxy` destinations
+/// (docs/proxy.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySection {
+    /// Where the proxy listens, e.g. `127.0.0.1:7602`. Empty: no proxy listener.
+    pub listen: String,
+    /// How often a streaming answer re-reads its grant from the store, so a revocation
+    /// made on another replica cuts it; revocations on this server cut it at once.
+    #[serde(with = "humantime_serde")]
+    pub recheck_interval: Duration,
+    /// Longest wait for the upstream's next bytes before the answer is cut.
+    #[serde(with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        let d = crate::proxy::ProxyListenSettings::default();
+        Self {
+            listen: String::new(),
+            recheck_interval: d.recheck_interval,
+            upstream_timeout: d.upstream_timeout,
+        }
+    }
 }
 
 /// `[revocation]`
@@ -283,6 +312,7 @@ impl Default for FileConfig {
             audit: AuditConfig::default(),
             telemetry: TelemetryConfig::default(),
             revocation: RevocationConfig::default(),
+            proxy: ProxySection::default(),
         }
     }
 }
@@ -398,6 +428,9 @@ pub struct FlagOverrides {
     /// `--policy-file`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_file: Option<String>,
+    /// `--proxy-listen`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_listen: Option<String>,
 }
 
 impl FileConfig {
@@ -440,6 +473,9 @@ impl FileConfig {
         }
         if let Some(v) = &flags.policy_file {
             cfg.policy.file = v.clone();
+        }
+        if let Some(v) = &flags.proxy_listen {
+            cfg.proxy.listen = v.clone();
         }
         Ok(cfg)
     }
@@ -589,6 +625,35 @@ impl FileConfig {
                 message: "must be between 1s and 1h".into(),
             });
         }
+        let proxy_listen = if self.proxy.listen.is_empty() {
+            None
+        } else {
+            Some(
+                self.proxy
+                    .listen
+                    .parse::<SocketAddr>()
+                    .map_err(|e| ConfigError::Invalid {
+                        key: "proxy.listen",
+                        message: format!("{:?} is not host:port: {e}", self.proxy.listen),
+                    })?,
+            )
+        };
+        if !(Duration::from_millis(50)..=Duration::from_secs(60))
+            .contains(&self.proxy.recheck_interval)
+        {
+            return Err(ConfigError::Invalid {
+                key: "proxy.recheck_interval",
+                message: "must be between 50ms and 60s".into(),
+            });
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600))
+            .contains(&self.proxy.upstream_timeout)
+        {
+            return Err(ConfigError::Invalid {
+                key: "proxy.upstream_timeout",
+                message: "must be between 1s and 1h".into(),
+            });
+        }
         if self.limits.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid {
                 key: "limits.max_request_bytes",
@@ -622,6 +687,11 @@ impl FileConfig {
                 lease: self.revocation.lease,
                 poll: self.revocation.poll_interval,
                 expiry_sweep: self.revocation.expiry_sweep_interval,
+            },
+            proxy: crate::proxy::ProxyListenSettings {
+                listen: proxy_listen,
+                recheck_interval: self.proxy.recheck_interval,
+                upstream_timeout: self.proxy.upstream_timeout,
             },
         })
     }
@@ -756,6 +826,8 @@ pub struct Config {
     pub telemetry: Option<TelemetrySettings>,
     /// Revocation worker.
     pub revocation: crate::revoke::RevocationSettings,
+    /// The proxy listener.
+    pub proxy: crate::proxy::ProxyListenSettings,
 }
 
 #[cfg(test)]
@@ -881,6 +953,33 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("not a number"), "{e}");
+    }
+
+    #[test]
+    fn the_proxy_is_off_by_default_and_validated() {
+        let c = FileConfig::default().validate().unwrap();
+        assert_eq!(c.proxy.listen, None);
+        let env = vec![(
+            "LANYARD_PROXY__LISTEN".to_string(),
+            "127.0.0.1:7602".to_string(),
+        )];
+        let f = FileConfig::load(None, &env, &FlagOverrides::default()).unwrap();
+        assert_eq!(
+            f.clone().validate().unwrap().proxy.listen,
+            Some("127.0.0.1:7602".parse().unwrap())
+        );
+        let mut bad = f.clone();
+        bad.proxy.listen = "nope".into();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("proxy.listen")
+        );
+        let mut bad = f;
+        bad.proxy.recheck_interval = Duration::from_millis(1);
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("proxy.recheck_interval"), "{e}");
     }
 
     #[test]

@@ -95,7 +95,8 @@ pub fn code_for(reason: ReasonCode) -> Code {
         R::GrantNotActive | R::GrantRevoked | R::DestinationRejected | R::DestinationDisabled => {
             Code::FailedPrecondition
         }
-        R::RequestTooLarge => Code::ResourceExhausted,
+        R::RequestTooLarge | R::RateLimited => Code::ResourceExhausted,
+        R::ProxyDenied => Code::InvalidArgument,
         R::Conflict => Code::Aborted,
         R::Unimplemented => Code::Unimplemented,
         R::Internal => Code::Internal,

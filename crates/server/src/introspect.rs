@@ -219,7 +219,7 @@ async fn check(
 
 /// Why a token is not active. Logged (at debug), never returned to the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Inactive {
+pub(crate) enum Inactive {
     TooLarge,
     Malformed,
     HeaderRejected,
@@ -239,7 +239,7 @@ enum Inactive {
 }
 
 impl Inactive {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Inactive::TooLarge => "token too large",
             Inactive::Malformed => "not a compact jws",
@@ -263,37 +263,37 @@ impl Inactive {
 
 /// The claims lanyard's `jwt` destination mints (`act`, `src` and the like are ignored).
 #[derive(Debug, Deserialize)]
-struct AccessClaims {
-    iss: String,
-    sub: String,
-    aud: String,
-    exp: UnixTime,
-    iat: UnixTime,
-    nbf: UnixTime,
-    jti: String,
+pub(crate) struct AccessClaims {
+    pub(crate) iss: String,
+    pub(crate) sub: String,
+    pub(crate) aud: String,
+    pub(crate) exp: UnixTime,
+    pub(crate) iat: UnixTime,
+    pub(crate) nbf: UnixTime,
+    pub(crate) jti: String,
     #[serde(default)]
-    scope: Option<String>,
-    client_id: String,
-    lanyard: LanyardClaim,
+    pub(crate) scope: Option<String>,
+    pub(crate) client_id: String,
+    pub(crate) lanyard: LanyardClaim,
 }
 
 #[derive(Debug, Deserialize)]
-struct LanyardClaim {
-    grant_id: String,
-    destination: String,
+pub(crate) struct LanyardClaim {
+    pub(crate) grant_id: String,
+    pub(crate) destination: String,
 }
 
 /// The claims of a token that verified, with its grant ID parsed.
 #[derive(Debug)]
-struct Verified {
-    claims: AccessClaims,
-    grant_id: GrantId,
+pub(crate) struct Verified {
+    pub(crate) claims: AccessClaims,
+    pub(crate) grant_id: GrantId,
 }
 
 /// Verify `token` as an access token lanyard signed with one of the keys in `jwks`
 /// (`{"keys": [...]}`, lanyard's own) for `issuer_url`, unexpired at `now`. The store
 /// is not consulted here.
-fn verify_token(
+pub(crate) fn verify_token(
     jwks: &Value,
     issuer_url: &str,
     token: &str,

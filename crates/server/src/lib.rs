@@ -15,6 +15,7 @@ pub mod introspect;
 pub mod inventory;
 pub mod metrics;
 pub mod policy_store;
+pub mod proxy;
 pub mod registry;
 pub mod replay;
 pub mod revoke;

@@ -117,6 +117,7 @@ pub struct Metrics {
     introspections: IntCounterVec,
     revocation_queue: IntGauge,
     revocation_receipts: IntCounterVec,
+    proxy_requests: IntCounterVec,
     /// When the active-grant count was last read; the lock makes refreshes single-flight.
     active_refreshed: tokio::sync::Mutex<Option<Instant>>,
 }
@@ -208,6 +209,14 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(introspections.clone()))?;
+        let proxy_requests = IntCounterVec::new(
+            Opts::new(
+                "lanyard_proxy_requests_total",
+                "Requests to proxy destinations, by destination and result (ok, or the refusal's or the cut's reason code).",
+            ),
+            &["destination", "result"],
+        )?;
+        registry.register(Box::new(proxy_requests.clone()))?;
         registry.register(Box::new(exchanges.clone()))?;
         registry.register(Box::new(exchange_seconds.clone()))?;
         registry.register(Box::new(renewals.clone()))?;
@@ -230,6 +239,7 @@ impl Metrics {
             introspections,
             revocation_queue,
             revocation_receipts,
+            proxy_requests,
             active_refreshed: tokio::sync::Mutex::new(None),
         })
     }
@@ -262,6 +272,14 @@ impl Metrics {
     pub fn release(&self, outcome: Outcome) {
         self.releases.with_label_values(&[outcome.decision()]).inc();
         self.denied(Rpc::Release, outcome);
+    }
+
+    /// Count a request to a configured proxy destination: `result` is `ok` or a
+    /// reason code (a bounded set).
+    pub fn proxy_request(&self, destination: &str, result: &str) {
+        self.proxy_requests
+            .with_label_values(&[destination, result])
+            .inc();
     }
 
     /// Count an answered introspection request.

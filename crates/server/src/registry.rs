@@ -12,10 +12,11 @@ use lanyard_destination_jwt::JwtDestination;
 use lanyard_destination_oauth2::OAuth2Destination;
 use lanyard_destination_openai::OpenAiDestination;
 use lanyard_destination_postgres::PostgresDestination;
+use lanyard_destination_proxy::ProxyDestination;
 
 /// Adapter kinds this build knows.
 pub const KINDS: &[&str] = &[
-    "jwt", "postgres", "claude", "openai", "gcp-sts", "azure", "oauth2", "aws-sts",
+    "jwt", "postgres", "claude", "openai", "gcp-sts", "azure", "oauth2", "aws-sts", "proxy",
 ];
 /// Kinds whose expired grants must be revoked at the destination (their
 /// `revoke_at_expiry` is true): the expiry sweep leaves their grants to clean-up jobs,
@@ -44,6 +45,7 @@ pub fn build(
         "gcp-sts" => Ok(Arc::new(GcpStsDestination::new(spec, minter)?)),
         "azure" => Ok(Arc::new(AzureDestination::new(spec, minter)?)),
         "oauth2" => Ok(Arc::new(OAuth2Destination::new(spec, minter, sealer)?)),
+        "proxy" => Ok(Arc::new(ProxyDestination::new(spec, minter)?)),
         other => Err(DestinationError::InvalidSettings {
             kind: other.chars().take(64).collect(),
             message: format!(

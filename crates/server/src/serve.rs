@@ -159,6 +159,14 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding HTTP listener {}", cfg.http_listen))?;
     let admin_listener = bind_admin_socket(&cfg.admin_socket).await?;
+    let proxy_listener = match cfg.proxy.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding proxy listener {addr}"))?,
+        ),
+        None => None,
+    };
     if cfg.issuer_url_derived {
         cfg.issuer_url = format!("http://{}", http_listener.local_addr()?);
     }
@@ -347,6 +355,18 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
             .await
     });
 
+    // The broker for static-key destinations, when `[proxy] listen` is set.
+    let (proxy_addr, proxy_task) = match proxy_listener {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let proxy = crate::proxy::Proxy::new(rt.clone(), &cfg.proxy)
+                .context("building the proxy's http client")?;
+            let task = tokio::spawn(crate::proxy::serve(proxy, listener, shutdown_rx.clone()));
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
+    };
+
     rt.revocations.set_settings(cfg.revocation.clone());
     let bg = tokio::spawn(background(rt.clone(), shutdown_rx.clone()));
     tokio::spawn(crate::audit::checkpoints(
@@ -379,14 +399,18 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         admin_socket = %cfg.admin_socket.display(),
         store = store.backend(),
         issuer = %cfg.issuer_url,
+        proxy = %proxy_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         "lanyard is serving"
     );
     if dev.is_some() {
         print_dev_banner(&cfg, grpc_addr, &cfg.admin_socket);
     }
     // A machine-readable line for scripts and tests that start lanyard on port 0.
+    let proxy_part = proxy_addr
+        .map(|a| format!(" proxy={a}"))
+        .unwrap_or_default();
     println!(
-        "lanyard ready grpc={grpc_addr} http={http_addr} admin={}",
+        "lanyard ready grpc={grpc_addr} http={http_addr} admin={}{proxy_part}",
         cfg.admin_socket.display()
     );
 
@@ -397,6 +421,9 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         let _ = grpc_task.await;
         let _ = admin_task.await;
         let _ = http_task.await;
+        if let Some(t) = proxy_task {
+            let _ = t.await;
+        }
     })
     .await;
     bg.abort();

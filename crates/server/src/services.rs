@@ -437,6 +437,26 @@ fn deny_entry_of(snap: &crate::runtime::Snapshot, job_id: &str) -> Option<String
         .map(crate::revoke::DenyEntry::name)
 }
 
+/// A destination's key status on the wire: never the key.
+fn secret_status_pb(
+    destination: &str,
+    status: Option<crate::proxy::SecretStatus>,
+) -> pb::DestinationSecretStatus {
+    match status {
+        Some(s) => pb::DestinationSecretStatus {
+            destination: destination.to_owned(),
+            secret_set: true,
+            secret_updated_at: convert::ts(s.updated_at),
+            fingerprint: s.fingerprint,
+            updated_by: s.updated_by,
+        },
+        None => pb::DestinationSecretStatus {
+            destination: destination.to_owned(),
+            ..Default::default()
+        },
+    }
+}
+
 fn valid_name(kind: &str, name: &str) -> Result<(), ApiError> {
     if lanyard_destination::valid_name(name) {
         Ok(())
@@ -688,12 +708,54 @@ impl AdminService for AdminSvc {
                 ));
             }
             self.delete_object(&ctx, ConfigKind::Destination, &name)
-                .await
+                .await?;
+            // Its static key goes with it.
+            crate::proxy::delete_secret(&self.rt, &name, &ctx).await
         };
         result
             .await
             .map(|()| respond(&ctx, pb::DeleteResponse { name }))
             .map_err(|e| fail(&ctx, e))
+    }
+
+    async fn put_destination_secret(
+        &self,
+        req: Request<pb::PutDestinationSecretRequest>,
+    ) -> Rpc<pb::DestinationSecretStatus> {
+        let ctx = ctx_of(&req);
+        let r = req.into_inner();
+        let secret = Secret::new(r.secret);
+        crate::proxy::put_secret(&self.rt, &r.destination, &secret, &ctx)
+            .await
+            .map(|s| respond(&ctx, secret_status_pb(&r.destination, Some(s))))
+            .map_err(|e| fail(&ctx, e))
+    }
+
+    async fn get_destination_secret(
+        &self,
+        req: Request<pb::GetRequest>,
+    ) -> Rpc<pb::DestinationSecretStatus> {
+        let ctx = ctx_of(&req);
+        let name = req.into_inner().name;
+        let result = async {
+            valid_name("destination", &name)?;
+            if self
+                .rt
+                .store
+                .config_get(ConfigKind::Destination, &name)
+                .await?
+                .is_none()
+            {
+                return Err(ApiError::new(
+                    ReasonCode::NotFound,
+                    format!("no destination named {name:?}"),
+                ));
+            }
+            let status = crate::proxy::secret_status(&self.rt, &name).await?;
+            Ok(secret_status_pb(&name, status))
+        }
+        .await;
+        result.map(|b| respond(&ctx, b)).map_err(|e| fail(&ctx, e))
     }
 
     async fn list_grants(

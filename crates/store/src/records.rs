@@ -20,17 +20,21 @@ pub enum ConfigKind {
     /// A deny entry: new exchanges of a workload, a workload prefix or an issuer are
     /// refused until it expires (named `<kind>:<value>`).
     DenyEntry,
+    /// A destination's static key, sealed (AES-256-GCM, bound to the destination name),
+    /// with its fingerprint; named after the destination. Never returned by any API.
+    DestinationSecret,
 }
 
 impl ConfigKind {
     /// Every kind.
-    pub const ALL: [ConfigKind; 6] = [
+    pub const ALL: [ConfigKind; 7] = [
         ConfigKind::Issuer,
         ConfigKind::TrustRule,
         ConfigKind::Destination,
         ConfigKind::Policy,
         ConfigKind::PolicyActivation,
         ConfigKind::DenyEntry,
+        ConfigKind::DestinationSecret,
     ];
     /// Stable spelling used in the database and in audit events.
     pub fn as_str(self) -> &'static str {
@@ -41,6 +45,7 @@ impl ConfigKind {
             ConfigKind::Policy => "policy",
             ConfigKind::PolicyActivation => "policy_activation",
             ConfigKind::DenyEntry => "deny_entry",
+            ConfigKind::DestinationSecret => "destination_secret",
         }
     }
     /// Parse the stable spelling.

@@ -121,9 +121,7 @@ impl FakeGcp {
             .route("/v1/token", post(sts))
             .route("/v1/projects/-/serviceAccounts/{name}", post(generate))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let addr = crate::serve(app).await;
         FakeGcp {
             sts_url: format!("http://{addr}/v1/token"),
             iam_url: format!("http://{addr}"),
@@ -165,10 +163,7 @@ impl FakeGcp {
 
 /// STS's OAuth-style error.
 pub fn sts_error(status: u16, error: &str, description: &str) -> Response {
-    json_response(
-        status,
-        &json!({"error": error, "error_description": description}),
-    )
+    crate::token_endpoint::oauth_error(status, error, description)
 }
 
 /// Google's API error body.

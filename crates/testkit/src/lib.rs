@@ -6,6 +6,7 @@
 
 pub mod gcp;
 pub mod issuer;
+pub mod minter;
 pub mod moto;
 pub mod oauth_server;
 pub mod process;
@@ -15,6 +16,7 @@ pub use issuer::{KeyAlg, TestIssuer};
 pub use process::{Lanyard, LanyardOptions};
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// How long [`eventually`] waits by default; `LANYARD_TEST_PATIENCE_SECS` overrides it.
@@ -43,6 +45,14 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Serve `app` on a free loopback port, in the background; its address.
+pub async fn serve(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
 }
 
 /// The reason code carried by a status (details or `lanyard-reason` metadata).

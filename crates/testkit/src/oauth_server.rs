@@ -122,9 +122,7 @@ impl OAuthServer {
             .route("/token", post(token))
             .route("/revoke", post(revoke))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let addr = crate::serve(app).await;
         let token_url = format!("http://{addr}/token");
         token_url.clone_into(&mut state.token_url.lock().unwrap());
         OAuthServer {

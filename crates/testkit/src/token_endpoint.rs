@@ -152,9 +152,7 @@ impl TokenEndpoint {
         let app = Router::new()
             .route(&path, post(token))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let addr = crate::serve(app).await;
         TokenEndpoint {
             url: format!("http://{addr}{path}"),
             base: format!("http://{addr}"),
@@ -225,7 +223,8 @@ pub(crate) fn json_response(status: u16, body: &Value) -> Response {
         .into_response()
 }
 
-fn oauth_error(status: u16, error: &str, description: &str) -> Response {
+/// An RFC 6749 §5.2 error answer: `{"error", "error_description"}`.
+pub fn oauth_error(status: u16, error: &str, description: &str) -> Response {
     json_response(
         status,
         &json!({"error": error, "error_description": description}),
@@ -524,8 +523,6 @@ pub async fn serve_jwks(jwks: Value) -> String {
             async move { axum::Json(jwks) }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let addr = crate::serve(app).await;
     format!("http://{addr}/jwks.json")
 }

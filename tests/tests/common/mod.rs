@@ -2,7 +2,9 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use lanyard_proto::v1 as pb;
+use lanyard_proto::v1::exchange_service_client::ExchangeServiceClient;
 use lanyard_testkit::{KeyAlg, Lanyard, LanyardOptions, TestIssuer};
+use tonic::transport::Channel;
 
 /// Policy used by most tests: workloads under /ci/ may use the `orders` destination
 /// with scopes inside {read, write}; `write` is forbidden for the `untrusted` workload.
@@ -172,6 +174,58 @@ pub fn bearer(resp: &pb::ExchangeResponse) -> String {
         pb::credential::Kind::Bearer(b) => b.token.clone(),
         other => panic!("expected a bearer token, got {other:?}"),
     }
+}
+
+/// Assert `resp` holds a bearer token to send as `Authorization: Bearer <token>`.
+pub fn assert_authorization_bearer(resp: &pb::ExchangeResponse) {
+    match resp.credential.as_ref().unwrap().kind.as_ref().unwrap() {
+        pb::credential::Kind::Bearer(b) => assert_eq!(
+            (b.token_type.as_str(), b.header.as_str()),
+            ("Bearer", "authorization")
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Exchange `req` and expect a refusal with reason code `want` whose message contains
+/// `text` and neither a JWT (`eyJ...`) nor any of `secrets`.
+pub async fn assert_refused(
+    mut c: ExchangeServiceClient<Channel>,
+    req: pb::ExchangeRequest,
+    want: &str,
+    text: &str,
+    secrets: &[&str],
+) {
+    let err = c.exchange(req).await.unwrap_err();
+    assert_eq!(lanyard_testkit::reason(&err), want, "{}", err.message());
+    assert!(err.message().contains(text), "{}", err.message());
+    for secret in ["eyJ"].iter().chain(secrets) {
+        assert!(!err.message().contains(secret), "{}", err.message());
+    }
+}
+
+/// Revoke `grant_id` through the CLI at a destination that cannot revoke: the one
+/// receipt must be `expires_at`, its detail must name `who` and state the residual
+/// lifetime of a credential expiring at `expires` (Unix seconds).
+pub async fn revoke_states_residual(l: &Lanyard, grant_id: &str, who: &str, expires: i64) {
+    let out = admin_cli_json(l, &["revoke", "--grant", grant_id, "--reason", "e2e"]).await;
+    assert_eq!(out["summary"]["expires_at"], 1, "{out}");
+    let r = &out["receipts"][0];
+    assert_eq!(r["outcome"], "expires_at", "{out}");
+    assert!(r["expires_at"].is_string(), "{out}");
+    assert!(r["detail"].as_str().unwrap().contains(who), "{out}");
+    // The residual it states is the credential's remaining life.
+    let detail = r["detail"].as_str().unwrap();
+    let residual: i64 = detail
+        .rsplit_once('(')
+        .and_then(|(_, t)| t.strip_suffix("s after revocation)"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no residual in {detail:?}"));
+    assert!(
+        (expires - now() - 5..=expires - now() + 1).contains(&residual),
+        "residual {residual}s, expiry in {}s",
+        expires - now()
+    );
 }
 
 /// All audit events so far.

@@ -115,11 +115,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use lanyard_core::{SharedClock, SystemClock, UnixTime};
-use lanyard_destination::http::{self, CircuitBreaker, ClientSettings, RetryPolicy};
+use lanyard_destination::http::{self, CircuitBreaker, RetryPolicy};
+use lanyard_destination::settings::{self as common, Plumbing};
 use lanyard_destination::{
     Credential, Destination, DestinationError, DestinationSpec, IssueRequest, Issued, MintError,
     Revocability, RevokeOutcome, RevokeRequest, TokenMinter,
@@ -205,44 +205,34 @@ impl AwsStsDestination {
     /// # Errors
     /// [`DestinationError::InvalidSettings`].
     pub fn new(spec: &DestinationSpec, minter: Arc<dyn TokenMinter>) -> Result<Self> {
-        if spec.kind != KIND {
-            return Err(bad(format!(
-                "destination {} has kind {:?}, not {KIND:?}",
-                spec.name, spec.kind
-            )));
-        }
-        spec.validate()?;
+        lanyard_destination::settings::check_spec(KIND, spec)?;
         let settings = AwsStsSettings::from_value(&spec.settings, &spec.scopes)?;
         let role = settings.role()?;
-        let sts_url = http::check_endpoint(&settings.sts_endpoint)
-            .map_err(|m| bad(format!("settings.sts_endpoint: {m}")))?;
-        let iam_url = http::check_endpoint(&settings.iam_endpoint)
-            .map_err(|m| bad(format!("settings.iam_endpoint: {m}")))?;
+        let sts_url = common::check_endpoint(KIND, "sts_endpoint", &settings.sts_endpoint)?;
+        let iam_url = common::check_endpoint(KIND, "iam_endpoint", &settings.iam_endpoint)?;
         if let Some(path) = &settings.credentials_file {
             wire::read_credentials(path, &settings.credentials_profile)
                 .map_err(|m| bad(format!("settings.{m}")))?;
         }
-        let client = http::build_client(
+        let tuning = lanyard_destination::tuning!(settings);
+        let Plumbing {
+            client,
+            breaker,
+            retry,
+        } = tuning.plumbing(
             KIND,
-            &ClientSettings::new(Duration::from_secs(settings.timeout_secs)),
+            &format!("destination {}", spec.name),
+            SystemClock::shared(),
+            None,
         )?;
-        let breaker = |what: &str| {
-            CircuitBreaker::new(
-                &format!("destination {}{what}", spec.name),
-                settings.breaker_threshold,
-                Duration::from_secs(settings.breaker_cooldown_secs),
-                SystemClock::shared(),
-            )
-        };
-        let retry = RetryPolicy {
-            max_attempts: settings.max_attempts,
-            base_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(2),
-        };
+        let iam_breaker = tuning.breaker(
+            &format!("destination {} (IAM)", spec.name),
+            SystemClock::shared(),
+        );
         Ok(Self {
             name: spec.name.clone(),
-            breaker: breaker(""),
-            iam_breaker: breaker(" (IAM)"),
+            breaker,
+            iam_breaker,
             settings,
             role,
             sts_url,
@@ -505,12 +495,9 @@ impl Destination for AwsStsDestination {
         let policy = self.settings.session_policy(req.scopes)?;
         let duration = session_duration(req.ttl.as_secs(), self.settings.max_session_duration_secs);
         let started = tokio::time::Instant::now();
-        let req_ref = &req;
         let (tags, policy) = (tags.as_ref(), policy.as_deref());
-        let answer = http::retry(self.retry, &self.breaker, |_attempt| {
-            let elapsed = i64::try_from(started.elapsed().as_secs()).unwrap_or(i64::MAX);
-            let iat = req_ref.now.saturating_add(elapsed);
-            async move { self.assume(req_ref, iat, tags, policy, duration).await }
+        let answer = http::retry_minting(self.retry, &self.breaker, req.now, started, |iat| {
+            self.assume(&req, iat, tags, policy, duration)
         })
         .await?;
         let host = http::host_of(&self.sts_url);

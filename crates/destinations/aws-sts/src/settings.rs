@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use lanyard_core::Scope;
-use lanyard_destination::{DestinationError, http};
+use lanyard_destination::DestinationError;
+use lanyard_destination::settings as common;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -96,19 +97,19 @@ pub struct AwsStsSettings {
     #[serde(default = "default_deny_policy_name")]
     pub deny_policy_name: String,
     /// Per-request timeout, seconds.
-    #[serde(default = "default_timeout")]
+    #[serde(default = "common::default_timeout_secs")]
     pub timeout_secs: u64,
     /// Largest answer read, bytes.
-    #[serde(default = "default_max_response")]
+    #[serde(default = "common::default_max_response_bytes")]
     pub max_response_bytes: usize,
     /// Attempts per call.
-    #[serde(default = "default_attempts")]
+    #[serde(default = "common::default_max_attempts")]
     pub max_attempts: u32,
     /// Retryable failures in a row that open the breaker.
-    #[serde(default = "default_breaker_threshold")]
+    #[serde(default = "common::default_breaker_threshold")]
     pub breaker_threshold: u32,
     /// How long the breaker stays open, seconds.
-    #[serde(default = "default_breaker_cooldown")]
+    #[serde(default = "common::default_breaker_cooldown_secs")]
     pub breaker_cooldown_secs: u64,
 }
 
@@ -136,45 +137,17 @@ fn default_profile() -> String {
 fn default_deny_policy_name() -> String {
     "lanyard-revoked".to_owned()
 }
-fn default_timeout() -> u64 {
-    10
-}
-fn default_max_response() -> usize {
-    1 << 20
-}
-fn default_attempts() -> u32 {
-    2
-}
-fn default_breaker_threshold() -> u32 {
-    5
-}
-fn default_breaker_cooldown() -> u64 {
-    30
-}
 
 pub(crate) fn bad(message: String) -> DestinationError {
-    DestinationError::InvalidSettings {
-        kind: KIND.to_owned(),
-        message,
-    }
+    common::invalid(KIND, message)
 }
 
 fn range(field: &str, v: u64, lo: u64, hi: u64) -> Result<()> {
-    if v < lo || v > hi {
-        return Err(bad(format!(
-            "settings.{field} must be {lo}..={hi}, not {v}"
-        )));
-    }
-    Ok(())
+    common::check_range(KIND, field, v, lo, hi)
 }
 
 fn text(field: &str, v: &str) -> Result<()> {
-    if v.trim().is_empty() || v.len() > 512 || v.chars().any(char::is_control) {
-        return Err(bad(format!(
-            "settings.{field} must be 1-512 characters without control characters"
-        )));
-    }
-    Ok(())
+    common::check_text(KIND, field, v, 512)
 }
 
 /// Characters IAM allows in role names, session names and source identities:
@@ -334,20 +307,13 @@ impl AwsStsSettings {
     /// # Errors
     /// [`DestinationError::InvalidSettings`] naming the problem.
     pub fn from_value(settings: &Value, offered_scopes: &[String]) -> Result<Self> {
-        let value = match settings {
-            Value::Null => Value::Object(Map::new()),
-            other => other.clone(),
-        };
-        let s: AwsStsSettings =
-            serde_json::from_value(value).map_err(|e| bad(format!("settings: {e}")))?;
+        let s: AwsStsSettings = common::parse(KIND, settings)?;
         RoleArn::parse(&s.role_arn).map_err(|m| bad(format!("settings.role_arn: {m}")))?;
         check_region("region", &s.region)?;
         check_region("iam_signing_region", &s.iam_signing_region)?;
         text("audience", &s.audience)?;
-        http::check_endpoint(&s.sts_endpoint)
-            .map_err(|m| bad(format!("settings.sts_endpoint: {m}")))?;
-        http::check_endpoint(&s.iam_endpoint)
-            .map_err(|m| bad(format!("settings.iam_endpoint: {m}")))?;
+        common::check_endpoint(KIND, "sts_endpoint", &s.sts_endpoint)?;
+        common::check_endpoint(KIND, "iam_endpoint", &s.iam_endpoint)?;
         range(
             "max_session_duration_secs",
             s.max_session_duration_secs,
@@ -379,16 +345,7 @@ impl AwsStsSettings {
                 "settings.deny_policy_name must be 1-128 characters of [A-Za-z0-9_+=,.@-]".into(),
             ));
         }
-        range("timeout_secs", s.timeout_secs, 1, 120)?;
-        range(
-            "max_response_bytes",
-            u64::try_from(s.max_response_bytes).unwrap_or(u64::MAX),
-            1024,
-            16 << 20,
-        )?;
-        range("max_attempts", u64::from(s.max_attempts), 1, 5)?;
-        range("breaker_threshold", u64::from(s.breaker_threshold), 1, 1000)?;
-        range("breaker_cooldown_secs", s.breaker_cooldown_secs, 1, 3600)?;
+        lanyard_destination::tuning!(s).check(KIND)?;
         Ok(s)
     }
 

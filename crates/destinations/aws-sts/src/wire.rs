@@ -56,53 +56,19 @@ pub async fn post_form(
     let host = http::host_of(url);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(FORM_CONTENT_TYPE));
     headers.insert(ACCEPT, HeaderValue::from_static("text/xml"));
-    let transport = |e: reqwest::Error| {
-        let what = if e.is_timeout() {
-            format!("request to {host} timed out")
-        } else if e.is_connect() {
-            format!("could not connect to {host}")
-        } else if e.is_body() || e.is_decode() {
-            format!("reading the response from {host} failed")
-        } else {
-            format!("request to {host} failed")
-        };
-        DestinationError::Upstream {
-            message: what,
-            retryable: true,
-        }
-    };
     let mut resp = client
         .post(url.clone())
         .headers(headers)
         .body(body)
         .send()
         .await
-        .map_err(transport)?;
+        .map_err(|e| http::transport_error(&host, &e))?;
     let status = resp.status();
-    let too_large = || DestinationError::Upstream {
-        message: format!("response from {host} exceeds {max} bytes"),
-        retryable: false,
-    };
-    let cap = u64::try_from(max).unwrap_or(u64::MAX);
-    if resp.content_length().is_some_and(|n| n > cap) {
-        return if status.is_success() {
-            Err(too_large())
-        } else {
-            Ok((status, Vec::new()))
-        };
+    match http::read_capped(&mut resp, &host, max).await? {
+        Some(buf) => Ok((status, buf)),
+        None if status.is_success() => Err(http::too_large(&host, max)),
+        None => Ok((status, Vec::new())),
     }
-    let mut buf = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-        if buf.len().saturating_add(chunk.len()) > max {
-            return if status.is_success() {
-                Err(too_large())
-            } else {
-                Ok((status, Vec::new()))
-            };
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok((status, buf))
 }
 
 /// The form body `application/x-www-form-urlencoded` of `pairs`.

@@ -62,11 +62,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use lanyard_core::{Scope, SystemClock, UnixTime};
-use lanyard_destination::http::{self, Body, CircuitBreaker, ClientSettings, RetryPolicy};
+use lanyard_destination::http::{self, Body, CircuitBreaker, RetryPolicy};
+use lanyard_destination::settings::{self, Plumbing, short};
 use lanyard_destination::{
     Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
     RevokeOutcome, RevokeRequest, TokenMinter,
@@ -74,7 +74,7 @@ use lanyard_destination::{
 use reqwest::header::HeaderMap;
 use reqwest::{Client, Url};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// The adapter kind this crate implements.
 pub const KIND: &str = "azure";
@@ -116,19 +116,19 @@ pub struct AzureSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_token_lifetime_secs: Option<u64>,
     /// Per-request timeout, seconds.
-    #[serde(default = "default_timeout")]
+    #[serde(default = "settings::default_timeout_secs")]
     pub timeout_secs: u64,
     /// Largest answer read, bytes.
-    #[serde(default = "default_max_response")]
+    #[serde(default = "settings::default_max_response_bytes")]
     pub max_response_bytes: usize,
     /// Attempts per exchange.
-    #[serde(default = "default_attempts")]
+    #[serde(default = "settings::default_max_attempts")]
     pub max_attempts: u32,
     /// Retryable failures in a row that open the breaker.
-    #[serde(default = "default_breaker_threshold")]
+    #[serde(default = "settings::default_breaker_threshold")]
     pub breaker_threshold: u32,
     /// How long the breaker stays open, seconds.
-    #[serde(default = "default_breaker_cooldown")]
+    #[serde(default = "settings::default_breaker_cooldown_secs")]
     pub breaker_cooldown_secs: u64,
 }
 
@@ -141,40 +141,13 @@ fn default_assertion_audience() -> String {
 fn default_assertion_lifetime() -> u64 {
     300
 }
-fn default_timeout() -> u64 {
-    10
-}
-fn default_max_response() -> usize {
-    1 << 20
-}
-fn default_attempts() -> u32 {
-    2
-}
-fn default_breaker_threshold() -> u32 {
-    5
-}
-fn default_breaker_cooldown() -> u64 {
-    30
-}
 
 fn bad(message: String) -> DestinationError {
-    DestinationError::InvalidSettings {
-        kind: KIND.to_owned(),
-        message,
-    }
-}
-
-fn short(s: &str) -> String {
-    s.chars().take(80).collect()
+    settings::invalid(KIND, message)
 }
 
 fn range(field: &str, v: u64, lo: u64, hi: u64) -> Result<()> {
-    if v < lo || v > hi {
-        return Err(bad(format!(
-            "settings.{field} must be {lo}..={hi}, not {v}"
-        )));
-    }
-    Ok(())
+    settings::check_range(KIND, field, v, lo, hi)
 }
 
 /// Whether `s` is a GUID in its 8-4-4-4-12 hex form.
@@ -202,11 +175,7 @@ fn is_domain(s: &str) -> bool {
 
 /// Check a resource: no whitespace, not already a scope.
 fn check_resource(field: &str, v: &str) -> Result<()> {
-    if v.is_empty() || v.len() > 256 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad(format!(
-            "settings.{field} must be 1-256 characters without whitespace"
-        )));
-    }
+    settings::check_word(KIND, field, v, 256)?;
     if v.ends_with("/.default") {
         return Err(bad(format!(
             "settings.{field} {:?} names the resource; lanyard adds /.default itself",
@@ -222,12 +191,7 @@ impl AzureSettings {
     /// # Errors
     /// [`DestinationError::InvalidSettings`] naming the problem.
     pub fn from_value(settings: &Value) -> Result<Self> {
-        let value = match settings {
-            Value::Null => Value::Object(Map::new()),
-            other => other.clone(),
-        };
-        let s: AzureSettings =
-            serde_json::from_value(value).map_err(|e| bad(format!("settings: {e}")))?;
+        let s: AzureSettings = settings::parse(KIND, settings)?;
         s.validate()?;
         Ok(s)
     }
@@ -260,8 +224,7 @@ impl AzureSettings {
             })?;
             check_resource(&format!("resource_by_scope.{k}"), v)?;
         }
-        let authority = http::check_endpoint(&self.authority_host)
-            .map_err(|m| bad(format!("settings.authority_host: {m}")))?;
+        let authority = settings::check_endpoint(KIND, "authority_host", &self.authority_host)?;
         if authority.path() != "/" || authority.query().is_some() || authority.fragment().is_some()
         {
             return Err(bad(
@@ -269,17 +232,7 @@ impl AzureSettings {
                     .into(),
             ));
         }
-        if self.assertion_audience.is_empty()
-            || self.assertion_audience.len() > 512
-            || self
-                .assertion_audience
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(bad(
-                "settings.assertion_audience must be 1-512 characters without whitespace".into(),
-            ));
-        }
+        settings::check_word(KIND, "assertion_audience", &self.assertion_audience, 512)?;
         range(
             "assertion_lifetime_secs",
             self.assertion_lifetime_secs,
@@ -289,21 +242,7 @@ impl AzureSettings {
         if let Some(m) = self.max_token_lifetime_secs {
             range("max_token_lifetime_secs", m, 60, 86_400)?;
         }
-        range("timeout_secs", self.timeout_secs, 1, 120)?;
-        range(
-            "max_response_bytes",
-            u64::try_from(self.max_response_bytes).unwrap_or(u64::MAX),
-            1024,
-            16 << 20,
-        )?;
-        range("max_attempts", u64::from(self.max_attempts), 1, 5)?;
-        range(
-            "breaker_threshold",
-            u64::from(self.breaker_threshold),
-            1,
-            1000,
-        )?;
-        range("breaker_cooldown_secs", self.breaker_cooldown_secs, 1, 3600)?;
+        lanyard_destination::tuning!(self).check(KIND)?;
         Ok(())
     }
 
@@ -317,7 +256,7 @@ impl AzureSettings {
             self.authority_host.trim_end_matches('/'),
             self.tenant_id
         );
-        http::check_endpoint(&url).map_err(|m| bad(format!("settings.authority_host: {m}")))
+        settings::check_endpoint(KIND, "authority_host", &url)
     }
 
     /// The `scope` for a request with these lanyard scopes: `<resource>/.default`, the
@@ -384,13 +323,6 @@ pub struct TokenAnswer {
     pub expires_in: u64,
 }
 
-fn refuse(message: String) -> DestinationError {
-    DestinationError::Upstream {
-        message,
-        retryable: false,
-    }
-}
-
 /// Parse and check Entra's answer.
 ///
 /// # Errors
@@ -405,15 +337,17 @@ pub fn parse_answer(body: &[u8], url: &Url) -> Result<TokenAnswer> {
     }
     .filter(|n| *n > 0);
     let Some(expires_in) = expires_in else {
-        return Err(refuse(format!(
+        return Err(http::refused(format!(
             "{host} answered without a positive expires_in"
         )));
     };
     if a.access_token.is_empty() {
-        return Err(refuse(format!("{host} answered an empty access_token")));
+        return Err(http::refused(format!(
+            "{host} answered an empty access_token"
+        )));
     }
     if !a.token_type.eq_ignore_ascii_case("bearer") {
-        return Err(refuse(format!(
+        return Err(http::refused(format!(
             "{host} answered token_type {:?}, not Bearer",
             a.token_type.chars().take(32).collect::<String>()
         )));
@@ -473,13 +407,7 @@ impl AzureDestination {
     /// # Errors
     /// [`DestinationError::InvalidSettings`].
     pub fn new(spec: &DestinationSpec, minter: Arc<dyn TokenMinter>) -> Result<Self> {
-        if spec.kind != KIND {
-            return Err(bad(format!(
-                "destination {} has kind {:?}, not {KIND:?}",
-                spec.name, spec.kind
-            )));
-        }
-        spec.validate()?;
+        settings::check_spec(KIND, spec)?;
         let settings = AzureSettings::from_value(&spec.settings)?;
         if !settings.resource_by_scope.is_empty()
             && let Some(s) = spec
@@ -493,21 +421,16 @@ impl AzureDestination {
             )));
         }
         let token_url = settings.token_url()?;
-        let client = http::build_client(
+        let Plumbing {
+            client,
+            breaker,
+            retry,
+        } = lanyard_destination::tuning!(settings).plumbing(
             KIND,
-            &ClientSettings::new(Duration::from_secs(settings.timeout_secs)),
-        )?;
-        let breaker = CircuitBreaker::new(
             &format!("destination {}", spec.name),
-            settings.breaker_threshold,
-            Duration::from_secs(settings.breaker_cooldown_secs),
             SystemClock::shared(),
-        );
-        let retry = RetryPolicy {
-            max_attempts: settings.max_attempts,
-            base_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(2),
-        };
+            None,
+        )?;
         Ok(Self {
             name: spec.name.clone(),
             settings,
@@ -570,24 +493,15 @@ impl Destination for AzureDestination {
     async fn issue(&self, req: IssueRequest<'_>) -> Result<Issued> {
         let scope = self.settings.scope_for(req.scopes)?;
         let started = tokio::time::Instant::now();
-        let req_ref = &req;
-        let scope_ref = scope.as_str();
-        let (jti, resp) = http::retry(self.retry, &self.breaker, |_attempt| {
-            // A fresh assertion (new jti, iat = now) per attempt.
-            let elapsed = i64::try_from(started.elapsed().as_secs()).unwrap_or(i64::MAX);
-            let iat = req_ref.now.saturating_add(elapsed);
-            async move { self.attempt(req_ref, iat, scope_ref).await }
+        let (jti, resp) = http::retry_minting(self.retry, &self.breaker, req.now, started, |iat| {
+            self.attempt(&req, iat, &scope)
         })
         .await?;
-        if let Some(max) = self.settings.max_token_lifetime_secs
-            && resp.expires_in > max
-        {
-            return Err(refuse(format!(
-                "{} issued a token living {}s, more than max_token_lifetime_secs {max}s",
-                http::host_of(&self.token_url),
-                resp.expires_in
-            )));
-        }
+        http::check_max_lifetime(
+            &http::host_of(&self.token_url),
+            resp.expires_in,
+            self.settings.max_token_lifetime_secs,
+        )?;
         Ok(http::bearer_issued(
             resp.access_token,
             req.now,

@@ -6,16 +6,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
-use lanyard_core::{Clock, GrantId, Scope, SystemClock, Ttl, WorkloadId};
+use lanyard_core::{Clock, GrantId, SystemClock};
 use lanyard_destination::http::is_retryable;
 use lanyard_destination::{
-    Credential, Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
+    Credential, Destination, DestinationError, DestinationSpec, Issued, Revocability,
     RevokeOutcome, RevokeRequest,
 };
 use lanyard_destination_azure::AzureDestination;
-use lanyard_keys::{KeyRing, KeyRingMinter, SigningAlgorithm};
+use lanyard_testkit::minter::{self, TestMinter};
 use lanyard_testkit::token_endpoint::{ACCESS_TOKEN, Answer, Expect, TokenEndpoint, serve_jwks};
 use serde_json::{Value, json};
 
@@ -25,22 +24,12 @@ const CLIENT: &str = "0d0a2c1e-5d5b-4f3b-9e8c-1a2b3c4d5e6f";
 const WORKLOAD: &str = "spiffe://lanyard.local/k8s/prod/agent";
 
 struct Fixture {
-    _dir: tempfile::TempDir,
-    minter: Arc<KeyRingMinter>,
+    keys: TestMinter,
     entra: TokenEndpoint,
 }
 
 async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let ring = Arc::new(
-        KeyRing::open(
-            &dir.path().join("keys"),
-            SigningAlgorithm::ES256,
-            SystemClock::shared(),
-        )
-        .unwrap(),
-    );
-    let minter = Arc::new(KeyRingMinter::new(ring.clone(), ISSUER));
+    let keys = TestMinter::new(ISSUER);
     let expect = Expect {
         jwt_field: "client_assertion",
         fields: [
@@ -56,57 +45,38 @@ async fn fixture() -> Fixture {
         header: None,
         audience: "api://AzureADTokenExchange".into(),
         issuer: ISSUER.into(),
-        jwks_url: serve_jwks(ring.jwks()).await,
+        jwks_url: serve_jwks(keys.jwks()).await,
         token_lifetime: 4000,
         cap_by_jwt: false,
     };
     let entra = TokenEndpoint::start_entra(expect, TENANT).await;
     entra.expect_subject(Some(WORKLOAD));
-    Fixture {
-        _dir: dir,
-        minter,
-        entra,
-    }
+    Fixture { keys, entra }
 }
 
 impl Fixture {
     fn dest(&self, extra: Value) -> AzureDestination {
-        let mut settings = json!({
-            "tenant_id": TENANT,
-            "client_id": CLIENT,
-            "resource": "https://vault.azure.net",
-            "authority_host": self.entra.base,
-            "max_attempts": 1,
-            "timeout_secs": 1,
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            settings[k] = v.clone();
-        }
-        let spec: DestinationSpec = serde_json::from_value(json!({
-            "name": "azure-prod", "kind": "azure", "max_ttl_secs": 3600, "settings": settings,
-        }))
-        .unwrap();
-        AzureDestination::new(&spec, self.minter.clone()).unwrap()
+        let settings = minter::merged(
+            json!({
+                "tenant_id": TENANT,
+                "client_id": CLIENT,
+                "resource": "https://vault.azure.net",
+                "authority_host": self.entra.base,
+                "max_attempts": 1,
+                "timeout_secs": 1,
+            }),
+            &extra,
+        );
+        let spec = minter::spec(
+            json!({"name": "azure-prod", "kind": "azure", "max_ttl_secs": 3600}),
+            settings,
+        );
+        AzureDestination::new(&spec, self.keys.minter.clone()).unwrap()
     }
 }
 
 async fn issue(d: &AzureDestination, scopes: &[&str]) -> Result<Issued, DestinationError> {
-    let grant = GrantId::generate();
-    let workload = WorkloadId::parse(WORKLOAD).unwrap();
-    let claims = serde_json::Map::new();
-    let scopes: Vec<Scope> = scopes.iter().map(|s| Scope::parse(s).unwrap()).collect();
-    d.issue(IssueRequest {
-        grant_id: &grant,
-        workload: &workload,
-        issuer: "k8s",
-        task: None,
-        scopes: &scopes,
-        ttl: Ttl::from_secs(300).unwrap(),
-        now: SystemClock.now_unix(),
-        actor_chain: &[],
-        claims: &claims,
-    })
-    .await
+    minter::issue(d, WORKLOAD, 300, scopes).await
 }
 
 #[tokio::test]
@@ -207,15 +177,7 @@ fn offered_scopes_must_be_mapped_when_a_map_is_set() {
                      "resource_by_scope": {"kv": "https://vault.azure.net"}},
     }))
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ring = Arc::new(
-        KeyRing::open(
-            &dir.path().join("k"),
-            SigningAlgorithm::ES256,
-            SystemClock::shared(),
-        )
-        .unwrap(),
-    );
-    let e = AzureDestination::new(&spec, Arc::new(KeyRingMinter::new(ring, ISSUER))).unwrap_err();
+    let keys = TestMinter::new(ISSUER);
+    let e = AzureDestination::new(&spec, keys.minter.clone()).unwrap_err();
     assert!(e.to_string().contains("\"arm\" is offered"), "{e}");
 }

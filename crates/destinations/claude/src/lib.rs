@@ -108,7 +108,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lanyard_core::{SharedClock, SystemClock, UnixTime};
-use lanyard_destination::http::{self, Body, CircuitBreaker, ClientSettings, RetryPolicy};
+use lanyard_destination::http::{self, Body, CircuitBreaker, RetryPolicy};
+use lanyard_destination::settings;
 use lanyard_destination::{
     Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
     RevokeOutcome, RevokeRequest, TokenMinter,
@@ -116,7 +117,7 @@ use lanyard_destination::{
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Client, Url};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 /// The adapter kind this crate implements.
 pub const KIND: &str = "claude";
@@ -168,19 +169,19 @@ pub struct ClaudeSettings {
     #[serde(default = "default_beta")]
     pub anthropic_beta: String,
     /// Total time of one attempt, seconds.
-    #[serde(default = "default_timeout")]
+    #[serde(default = "settings::default_timeout_secs")]
     pub timeout_secs: u64,
     /// Largest answer read, bytes.
-    #[serde(default = "default_max_response")]
+    #[serde(default = "settings::default_max_response_bytes")]
     pub max_response_bytes: usize,
     /// Attempts per exchange.
-    #[serde(default = "default_attempts")]
+    #[serde(default = "settings::default_max_attempts")]
     pub max_attempts: u32,
     /// Consecutive retryable failures that open the circuit.
-    #[serde(default = "default_breaker_threshold")]
+    #[serde(default = "settings::default_breaker_threshold")]
     pub breaker_threshold: u32,
     /// Seconds an open circuit fails fast.
-    #[serde(default = "default_breaker_cooldown")]
+    #[serde(default = "settings::default_breaker_cooldown_secs")]
     pub breaker_cooldown_secs: u64,
     /// Outbound proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,21 +210,6 @@ fn default_max_assertion() -> u64 {
 fn default_beta() -> String {
     DEFAULT_ANTHROPIC_BETA.to_owned()
 }
-fn default_timeout() -> u64 {
-    10
-}
-fn default_max_response() -> usize {
-    1 << 20
-}
-fn default_attempts() -> u32 {
-    2
-}
-fn default_breaker_threshold() -> u32 {
-    5
-}
-fn default_breaker_cooldown() -> u64 {
-    30
-}
 
 impl ClaudeSettings {
     /// Parse and validate a `settings` block.
@@ -231,21 +217,14 @@ impl ClaudeSettings {
     /// # Errors
     /// [`DestinationError::InvalidSettings`] naming the problem.
     pub fn from_value(settings: &Value) -> Result<Self> {
-        let value = match settings {
-            Value::Null => Value::Object(Map::new()),
-            other => other.clone(),
-        };
-        let s: ClaudeSettings =
-            serde_json::from_value(value).map_err(|e| bad(format!("settings: {e}")))?;
+        let s: ClaudeSettings = settings::parse(KIND, settings)?;
         s.validate()?;
         Ok(s)
     }
 
     fn validate(&self) -> Result<()> {
-        http::check_endpoint(&self.token_url)
-            .map_err(|m| bad(format!("settings.token_url: {m}")))?;
-        http::check_endpoint(&self.admin_url)
-            .map_err(|m| bad(format!("settings.admin_url: {m}")))?;
+        settings::check_endpoint(KIND, "token_url", &self.token_url)?;
+        settings::check_endpoint(KIND, "admin_url", &self.admin_url)?;
         if let Some(f) = &self.admin_token_file
             && (f.is_empty() || f.chars().any(char::is_control))
         {
@@ -257,7 +236,7 @@ impl ClaudeSettings {
         if uuid::Uuid::try_parse(&self.organization_id).is_err() {
             return Err(bad(format!(
                 "settings.organization_id {:?} must be the organization's UUID",
-                short(&self.organization_id)
+                settings::short(&self.organization_id)
             )));
         }
         if let Some(w) = &self.workspace_id
@@ -284,21 +263,7 @@ impl ClaudeSettings {
             30,
             3600,
         )?;
-        range("timeout_secs", self.timeout_secs, 1, 120)?;
-        range(
-            "max_response_bytes",
-            u64::try_from(self.max_response_bytes).unwrap_or(u64::MAX),
-            1024,
-            16 << 20,
-        )?;
-        range("max_attempts", u64::from(self.max_attempts), 1, 5)?;
-        range(
-            "breaker_threshold",
-            u64::from(self.breaker_threshold),
-            1,
-            1000,
-        )?;
-        range("breaker_cooldown_secs", self.breaker_cooldown_secs, 1, 3600)?;
+        lanyard_destination::tuning!(self).check(KIND)?;
         if let Some(p) = &self.proxy_url {
             let u = Url::parse(p).map_err(|_| bad("settings.proxy_url is not a url".into()))?;
             if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
@@ -312,26 +277,15 @@ impl ClaudeSettings {
 }
 
 fn bad(message: String) -> DestinationError {
-    DestinationError::InvalidSettings {
-        kind: KIND.to_owned(),
-        message,
-    }
-}
-
-fn short(s: &str) -> String {
-    s.chars().take(80).collect()
+    settings::invalid(KIND, message)
 }
 
 fn check_id(field: &str, v: &str, prefixes: &[&str]) -> Result<()> {
-    if v.is_empty() || v.len() > 256 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad(format!(
-            "settings.{field} must be 1-256 characters without whitespace"
-        )));
-    }
+    settings::check_word(KIND, field, v, 256)?;
     if !prefixes.is_empty() && !prefixes.iter().any(|p| v.starts_with(p)) {
         return Err(bad(format!(
             "settings.{field} {:?} must start with {}",
-            short(v),
+            settings::short(v),
             prefixes.join(" or ")
         )));
     }
@@ -339,12 +293,7 @@ fn check_id(field: &str, v: &str, prefixes: &[&str]) -> Result<()> {
 }
 
 fn range(field: &str, v: u64, lo: u64, hi: u64) -> Result<()> {
-    if v < lo || v > hi {
-        return Err(bad(format!(
-            "settings.{field} must be {lo}..={hi}, not {v}"
-        )));
-    }
-    Ok(())
+    settings::check_range(KIND, field, v, lo, hi)
 }
 
 /// The success answer of the token endpoint (RFC 6749 §5.1).
@@ -397,39 +346,25 @@ impl ClaudeDestination {
         minter: Arc<dyn TokenMinter>,
         clock: SharedClock,
     ) -> Result<Self> {
-        if spec.kind != KIND {
-            return Err(bad(format!(
-                "destination {} has kind {:?}, not {KIND:?}",
-                spec.name, spec.kind
-            )));
-        }
-        spec.validate()?;
+        settings::check_spec(KIND, spec)?;
         let settings = ClaudeSettings::from_value(&spec.settings)?;
-        let token_url = http::check_endpoint(&settings.token_url)
-            .map_err(|m| bad(format!("settings.token_url: {m}")))?;
-        let mut client_settings = ClientSettings::new(Duration::from_secs(settings.timeout_secs));
-        if let Some(p) = &settings.proxy_url {
-            client_settings.proxy =
-                Some(Url::parse(p).map_err(|_| bad("settings.proxy_url is not a url".into()))?);
-        }
-        let client = http::build_client(KIND, &client_settings)?;
+        let token_url = settings::check_endpoint(KIND, "token_url", &settings.token_url)?;
+        let proxy = match &settings.proxy_url {
+            Some(p) => {
+                Some(Url::parse(p).map_err(|_| bad("settings.proxy_url is not a url".into()))?)
+            }
+            None => None,
+        };
+        let tuning = lanyard_destination::tuning!(settings);
+        let client = tuning.client(KIND, proxy)?;
         let mut headers = HeaderMap::new();
         headers.insert(
             HeaderName::from_static("anthropic-beta"),
             HeaderValue::from_str(&settings.anthropic_beta)
                 .map_err(|_| bad("settings.anthropic_beta is not a header value".into()))?,
         );
-        let breaker = CircuitBreaker::new(
-            &format!("destination {}", spec.name),
-            settings.breaker_threshold,
-            Duration::from_secs(settings.breaker_cooldown_secs),
-            clock,
-        );
-        let retry = RetryPolicy {
-            max_attempts: settings.max_attempts,
-            base_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(2),
-        };
+        let breaker = tuning.breaker(&format!("destination {}", spec.name), clock);
+        let retry = tuning.retry();
         Ok(Self {
             name: spec.name.clone(),
             settings,
@@ -537,18 +472,12 @@ impl Destination for ClaudeDestination {
         let ttl = req.ttl.as_secs();
         let life = self.assertion_lifetime(ttl)?;
         let started = tokio::time::Instant::now();
-        let req_ref = &req;
-        let (jti, resp) = http::retry(self.retry, &self.breaker, |_attempt| {
-            // Each attempt has its own assertion (new jti, iat = now): never replayed.
-            let elapsed = i64::try_from(started.elapsed().as_secs()).unwrap_or(i64::MAX);
-            let iat = req_ref.now.saturating_add(elapsed);
-            async move { self.attempt(req_ref, iat, life).await }
+        // Each attempt has its own assertion (new jti, iat = now): never replayed.
+        let (jti, resp) = http::retry_minting(self.retry, &self.breaker, req.now, started, |iat| {
+            self.attempt(&req, iat, life)
         })
         .await?;
-        let upstream = |message: String| DestinationError::Upstream {
-            message,
-            retryable: false,
-        };
+        let upstream = http::refused;
         if !resp.token_type.eq_ignore_ascii_case("bearer") {
             return Err(upstream(format!(
                 "{} answered token_type {:?}, not Bearer",

@@ -27,7 +27,8 @@ use lanyard_destination::{
     RevokeOutcome, RevokeRequest,
 };
 use lanyard_destination_claude::ClaudeDestination;
-use lanyard_keys::{KeyRing, KeyRingMinter, SigningAlgorithm};
+use lanyard_testkit::minter::{self, TestMinter};
+use lanyard_testkit::token_endpoint::oauth_error;
 use serde_json::{Value, json};
 
 const ISSUER: &str = "https://lanyard.test";
@@ -64,15 +65,6 @@ struct FakeClaude {
     accepted: Mutex<Vec<Value>>,
     /// Raw assertions received (to replay one by hand).
     assertions: Mutex<Vec<String>>,
-}
-
-fn oauth_error(status: u16, error: &str, description: &str) -> Response {
-    (
-        StatusCode::from_u16(status).unwrap(),
-        [("content-type", "application/json")],
-        json!({"error": error, "error_description": description}).to_string(),
-    )
-        .into_response()
 }
 
 impl FakeClaude {
@@ -224,25 +216,15 @@ fn uuid_like() -> String {
 }
 
 struct Fixture {
-    _dir: tempfile::TempDir,
-    minter: Arc<KeyRingMinter>,
+    keys: TestMinter,
     fake: Arc<FakeClaude>,
     addr: SocketAddr,
 }
 
 async fn fixture(workspace: Option<&str>) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let ring = Arc::new(
-        KeyRing::open(
-            &dir.path().join("keys"),
-            SigningAlgorithm::ES256,
-            SystemClock::shared(),
-        )
-        .unwrap(),
-    );
-    let minter = Arc::new(KeyRingMinter::new(ring.clone(), ISSUER));
+    let keys = TestMinter::new(ISSUER);
     let fake = Arc::new(FakeClaude {
-        jwks: serde_json::from_value(ring.jwks()).unwrap(),
+        jwks: serde_json::from_value(keys.jwks()).unwrap(),
         workspace: workspace.map(str::to_owned),
         rule_lifetime: 3600,
         max_jwt_lifetime: 3600,
@@ -255,14 +237,10 @@ async fn fixture(workspace: Option<&str>) -> Fixture {
     let app = Router::new()
         .route("/v1/oauth/token", post(token))
         .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Fixture {
-        _dir: dir,
-        minter,
+        keys,
         fake,
-        addr,
+        addr: lanyard_testkit::serve(app).await,
     }
 }
 
@@ -282,14 +260,11 @@ impl Fixture {
         if let Some(w) = &self.fake.workspace {
             s["workspace_id"] = json!(w);
         }
-        for (k, v) in extra.as_object().unwrap() {
-            s[k] = v.clone();
-        }
-        s
+        minter::merged(s, &extra)
     }
 
     fn dest(&self, extra: Value) -> ClaudeDestination {
-        ClaudeDestination::new(&spec(self.settings(extra)), self.minter.clone()).unwrap()
+        ClaudeDestination::new(&spec(self.settings(extra)), self.keys.minter.clone()).unwrap()
     }
 
     fn script(&self, items: &[Script]) {
@@ -424,7 +399,7 @@ async fn workspace_is_sent_when_configured() {
             s.as_object_mut().unwrap().remove("workspace_id");
             s
         }),
-        f.minter.clone(),
+        f.keys.minter.clone(),
     )
     .unwrap();
     let err = dest.issue(Req::new(120).issue_request()).await.unwrap_err();
@@ -682,7 +657,7 @@ async fn circuit_opens_after_repeated_failures_and_fails_fast() {
     let clock = FakeClock::at(SystemClock.now_unix());
     let dest = ClaudeDestination::with_clock(
         &spec(f.settings(json!({"breaker_threshold": 3, "breaker_cooldown_secs": 30}))),
-        f.minter.clone(),
+        f.keys.minter.clone(),
         Arc::new(clock.clone()),
     )
     .unwrap();
@@ -761,7 +736,7 @@ async fn settings_are_validated_at_load() {
         ),
     ];
     for (settings, want) in cases {
-        let err = ClaudeDestination::new(&spec(settings), f.minter.clone()).unwrap_err();
+        let err = ClaudeDestination::new(&spec(settings), f.keys.minter.clone()).unwrap_err();
         assert!(
             matches!(err, DestinationError::InvalidSettings { .. }),
             "{err:?}"
@@ -770,11 +745,11 @@ async fn settings_are_validated_at_load() {
     }
     let mut wrong_kind = spec(f.settings(json!({})));
     wrong_kind.kind = "jwt".into();
-    assert!(ClaudeDestination::new(&wrong_kind, f.minter.clone()).is_err());
+    assert!(ClaudeDestination::new(&wrong_kind, f.keys.minter.clone()).is_err());
     // The default endpoint is accepted without contacting it.
     let mut s = f.settings(json!({}));
     s.as_object_mut().unwrap().remove("token_url");
-    let dest = ClaudeDestination::new(&spec(s), f.minter.clone()).unwrap();
+    let dest = ClaudeDestination::new(&spec(s), f.keys.minter.clone()).unwrap();
     assert_eq!(
         dest.settings().token_url,
         "https://api.anthropic.com/v1/oauth/token"

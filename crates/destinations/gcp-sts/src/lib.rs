@@ -89,7 +89,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lanyard_core::{Scope, Secret, SystemClock, UnixTime};
-use lanyard_destination::http::{self, Body, CircuitBreaker, ClientSettings, RetryPolicy};
+use lanyard_destination::http::{self, Body, CircuitBreaker, RetryPolicy};
+use lanyard_destination::settings::{self, Plumbing, short};
 use lanyard_destination::{
     Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
     RevokeOutcome, RevokeRequest, TokenMinter,
@@ -97,7 +98,7 @@ use lanyard_destination::{
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{Client, Url};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 /// The adapter kind this crate implements.
 pub const KIND: &str = "gcp-sts";
@@ -158,19 +159,19 @@ pub struct GcpStsSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_token_lifetime_secs: Option<u64>,
     /// Per-request timeout, seconds.
-    #[serde(default = "default_timeout")]
+    #[serde(default = "settings::default_timeout_secs")]
     pub timeout_secs: u64,
     /// Largest answer read, bytes.
-    #[serde(default = "default_max_response")]
+    #[serde(default = "settings::default_max_response_bytes")]
     pub max_response_bytes: usize,
     /// Attempts per call.
-    #[serde(default = "default_attempts")]
+    #[serde(default = "settings::default_max_attempts")]
     pub max_attempts: u32,
     /// Retryable failures in a row that open the breaker.
-    #[serde(default = "default_breaker_threshold")]
+    #[serde(default = "settings::default_breaker_threshold")]
     pub breaker_threshold: u32,
     /// How long the breaker stays open, seconds.
-    #[serde(default = "default_breaker_cooldown")]
+    #[serde(default = "settings::default_breaker_cooldown_secs")]
     pub breaker_cooldown_secs: u64,
 }
 
@@ -189,50 +190,18 @@ fn default_max_lifetime() -> u64 {
 fn default_subject_lifetime() -> u64 {
     300
 }
-fn default_timeout() -> u64 {
-    10
-}
-fn default_max_response() -> usize {
-    1 << 20
-}
-fn default_attempts() -> u32 {
-    2
-}
-fn default_breaker_threshold() -> u32 {
-    5
-}
-fn default_breaker_cooldown() -> u64 {
-    30
-}
 
 fn bad(message: String) -> DestinationError {
-    DestinationError::InvalidSettings {
-        kind: KIND.to_owned(),
-        message,
-    }
-}
-
-fn short(s: &str) -> String {
-    s.chars().take(80).collect()
+    settings::invalid(KIND, message)
 }
 
 fn range(field: &str, v: u64, lo: u64, hi: u64) -> Result<()> {
-    if v < lo || v > hi {
-        return Err(bad(format!(
-            "settings.{field} must be {lo}..={hi}, not {v}"
-        )));
-    }
-    Ok(())
+    settings::check_range(KIND, field, v, lo, hi)
 }
 
 /// A token without whitespace or control characters, 1..=`max` bytes.
 fn word(field: &str, v: &str, max: usize) -> Result<()> {
-    if v.is_empty() || v.len() > max || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad(format!(
-            "settings.{field} must be 1-{max} characters without whitespace"
-        )));
-    }
-    Ok(())
+    settings::check_word(KIND, field, v, max)
 }
 
 /// Whether `s` is 4-32 characters of `[a-z0-9-]` (a pool or provider ID).
@@ -316,12 +285,7 @@ impl GcpStsSettings {
     /// # Errors
     /// [`DestinationError::InvalidSettings`] naming the problem.
     pub fn from_value(settings: &Value) -> Result<Self> {
-        let value = match settings {
-            Value::Null => Value::Object(Map::new()),
-            other => other.clone(),
-        };
-        let s: GcpStsSettings =
-            serde_json::from_value(value).map_err(|e| bad(format!("settings: {e}")))?;
+        let s: GcpStsSettings = settings::parse(KIND, settings)?;
         s.validate()?;
         Ok(s)
     }
@@ -331,9 +295,8 @@ impl GcpStsSettings {
         if let Some(a) = &self.subject_token_audience {
             word("subject_token_audience", a, 512)?;
         }
-        http::check_endpoint(&self.sts_url).map_err(|m| bad(format!("settings.sts_url: {m}")))?;
-        http::check_endpoint(&self.iam_credentials_url)
-            .map_err(|m| bad(format!("settings.iam_credentials_url: {m}")))?;
+        settings::check_endpoint(KIND, "sts_url", &self.sts_url)?;
+        settings::check_endpoint(KIND, "iam_credentials_url", &self.iam_credentials_url)?;
         check_oauth_scopes("oauth_scopes", &self.oauth_scopes)?;
         if self.oauth_scopes_by_scope.len() > 64 {
             return Err(bad(
@@ -388,21 +351,7 @@ impl GcpStsSettings {
         if let Some(m) = self.max_token_lifetime_secs {
             range("max_token_lifetime_secs", m, 60, 86_400)?;
         }
-        range("timeout_secs", self.timeout_secs, 1, 120)?;
-        range(
-            "max_response_bytes",
-            u64::try_from(self.max_response_bytes).unwrap_or(u64::MAX),
-            1024,
-            16 << 20,
-        )?;
-        range("max_attempts", u64::from(self.max_attempts), 1, 5)?;
-        range(
-            "breaker_threshold",
-            u64::from(self.breaker_threshold),
-            1,
-            1000,
-        )?;
-        range("breaker_cooldown_secs", self.breaker_cooldown_secs, 1, 3600)?;
+        lanyard_destination::tuning!(self).check(KIND)?;
         Ok(())
     }
 
@@ -506,13 +455,6 @@ pub struct GeneratedToken {
     pub expire_time: String,
 }
 
-fn refuse(message: String) -> DestinationError {
-    DestinationError::Upstream {
-        message,
-        retryable: false,
-    }
-}
-
 /// Parse and check STS's answer.
 ///
 /// # Errors
@@ -521,12 +463,12 @@ pub fn parse_sts_answer(body: &[u8], url: &Url) -> Result<StsAnswer> {
     let a: StsAnswer = http::parse_json(body, url, "token response")?;
     let host = http::host_of(url);
     if a.access_token.is_empty() || a.expires_in == 0 {
-        return Err(refuse(format!(
+        return Err(http::refused(format!(
             "{host} answered without an access_token or a positive expires_in"
         )));
     }
     if !a.token_type.eq_ignore_ascii_case("bearer") {
-        return Err(refuse(format!(
+        return Err(http::refused(format!(
             "{host} answered token_type {:?}, not Bearer",
             a.token_type.chars().take(32).collect::<String>()
         )));
@@ -534,7 +476,7 @@ pub fn parse_sts_answer(body: &[u8], url: &Url) -> Result<StsAnswer> {
     if let Some(t) = &a.issued_token_type
         && t != REQUESTED_TOKEN_TYPE
     {
-        return Err(refuse(format!(
+        return Err(http::refused(format!(
             "{host} issued a {:?}, not an access token",
             t.chars().take(64).collect::<String>()
         )));
@@ -550,10 +492,12 @@ pub fn parse_generated_token(body: &[u8], url: &Url) -> Result<(String, UnixTime
     let a: GeneratedToken = http::parse_json(body, url, "generateAccessToken response")?;
     let host = http::host_of(url);
     if a.access_token.is_empty() {
-        return Err(refuse(format!("{host} answered an empty accessToken")));
+        return Err(http::refused(format!(
+            "{host} answered an empty accessToken"
+        )));
     }
     let at = chrono::DateTime::parse_from_rfc3339(&a.expire_time).map_err(|_| {
-        refuse(format!(
+        http::refused(format!(
             "{host} answered an expireTime that is not an RFC 3339 time"
         ))
     })?;
@@ -594,13 +538,7 @@ impl GcpStsDestination {
     /// # Errors
     /// [`DestinationError::InvalidSettings`].
     pub fn new(spec: &DestinationSpec, minter: Arc<dyn TokenMinter>) -> Result<Self> {
-        if spec.kind != KIND {
-            return Err(bad(format!(
-                "destination {} has kind {:?}, not {KIND:?}",
-                spec.name, spec.kind
-            )));
-        }
-        spec.validate()?;
+        settings::check_spec(KIND, spec)?;
         let settings = GcpStsSettings::from_value(&spec.settings)?;
         if !settings.oauth_scopes_by_scope.is_empty()
             && let Some(s) = spec
@@ -613,8 +551,7 @@ impl GcpStsDestination {
                 short(s)
             )));
         }
-        let sts_url = http::check_endpoint(&settings.sts_url)
-            .map_err(|m| bad(format!("settings.sts_url: {m}")))?;
+        let sts_url = settings::check_endpoint(KIND, "sts_url", &settings.sts_url)?;
         let generate_url = match &settings.service_account {
             None => None,
             Some(sa) => {
@@ -622,31 +559,24 @@ impl GcpStsDestination {
                     "{}/v1/projects/-/serviceAccounts/{sa}:generateAccessToken",
                     settings.iam_credentials_url.trim_end_matches('/')
                 );
-                Some(
-                    http::check_endpoint(&url)
-                        .map_err(|m| bad(format!("settings.iam_credentials_url: {m}")))?,
-                )
+                Some(settings::check_endpoint(KIND, "iam_credentials_url", &url)?)
             }
         };
-        let client = http::build_client(
+        let tuning = lanyard_destination::tuning!(settings);
+        let Plumbing {
+            client,
+            breaker: sts_breaker,
+            retry,
+        } = tuning.plumbing(
             KIND,
-            &ClientSettings::new(Duration::from_secs(settings.timeout_secs)),
+            &format!("destination {} (sts)", spec.name),
+            SystemClock::shared(),
+            None,
         )?;
-        let breaker = |api: &str| {
-            CircuitBreaker::new(
-                &format!("destination {} ({api})", spec.name),
-                settings.breaker_threshold,
-                Duration::from_secs(settings.breaker_cooldown_secs),
-                SystemClock::shared(),
-            )
-        };
-        let sts_breaker = breaker("sts");
-        let iam_breaker = breaker("iamcredentials");
-        let retry = RetryPolicy {
-            max_attempts: settings.max_attempts,
-            base_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(2),
-        };
+        let iam_breaker = tuning.breaker(
+            &format!("destination {} (iamcredentials)", spec.name),
+            SystemClock::shared(),
+        );
         Ok(Self {
             name: spec.name.clone(),
             subject_audience: settings.subject_audience(),
@@ -710,7 +640,7 @@ impl GcpStsDestination {
     ) -> Result<(String, UnixTime)> {
         let mut headers = HeaderMap::new();
         let mut auth = HeaderValue::from_str(&format!("Bearer {federated}")).map_err(|_| {
-            refuse(format!(
+            http::refused(format!(
                 "{} answered an access_token that is not a header value",
                 http::host_of(&self.sts_url)
             ))
@@ -751,7 +681,7 @@ impl GcpStsDestination {
         if let Some(max) = self.settings.max_token_lifetime_secs
             && lives > i64::try_from(max).unwrap_or(i64::MAX)
         {
-            return Err(refuse(format!(
+            return Err(http::refused(format!(
                 "destination {} would hand out a token living {lives}s, more than max_token_lifetime_secs {max}s",
                 self.name
             )));
@@ -785,15 +715,11 @@ impl Destination for GcpStsDestination {
         }
         let life = ttl.min(self.settings.max_subject_token_lifetime_secs);
         let started = tokio::time::Instant::now();
-        let req_ref = &req;
-        let scope_ref = sts_scope.as_str();
-        let (jti, fed) = http::retry(self.retry, &self.sts_breaker, |_attempt| {
-            // A fresh subject token (new jti, iat = now) per attempt.
-            let elapsed = i64::try_from(started.elapsed().as_secs()).unwrap_or(i64::MAX);
-            let iat = req_ref.now.saturating_add(elapsed);
-            async move { self.exchange(req_ref, iat, life, scope_ref).await }
-        })
-        .await?;
+        let (jti, fed) =
+            http::retry_minting(self.retry, &self.sts_breaker, req.now, started, |iat| {
+                self.exchange(&req, iat, life, &sts_scope)
+            })
+            .await?;
         let Some(url) = &self.generate_url else {
             self.check_max(i64::try_from(fed.expires_in).unwrap_or(i64::MAX))?;
             return Ok(http::bearer_issued(
@@ -822,7 +748,7 @@ impl Destination for GcpStsDestination {
                     .saturating_add(lifetime_i)
                     .saturating_add(EXPIRY_SKEW_SECS)
         {
-            return Err(refuse(format!(
+            return Err(http::refused(format!(
                 "{} answered an expireTime {}s from now, outside the {lifetime}s asked",
                 http::host_of(url),
                 expire_at.saturating_sub(req.now)

@@ -5,17 +5,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
-use lanyard_core::{Clock, GrantId, Scope, SystemClock, Ttl, WorkloadId};
+use lanyard_core::{Clock, GrantId, SystemClock};
 use lanyard_destination::http::is_retryable;
 use lanyard_destination::{
-    Credential, Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
-    RevokeOutcome, RevokeRequest,
+    Credential, Destination, DestinationError, Issued, Revocability, RevokeOutcome, RevokeRequest,
 };
 use lanyard_destination_gcp_sts::GcpStsDestination;
-use lanyard_keys::{KeyRing, KeyRingMinter, SigningAlgorithm};
 use lanyard_testkit::gcp::{FEDERATED_PREFIX, FakeGcp, GcpExpect, SA_TOKEN_PREFIX};
+use lanyard_testkit::minter::{self, TestMinter};
 use lanyard_testkit::token_endpoint::{Answer, serve_jwks};
 use serde_json::{Value, json};
 
@@ -25,52 +23,43 @@ const SA: &str = "reader@acme.iam.gserviceaccount.com";
 const WORKLOAD: &str = "spiffe://lanyard.local/k8s/prod/agent";
 
 struct Fixture {
-    _dir: tempfile::TempDir,
-    minter: Arc<KeyRingMinter>,
+    keys: TestMinter,
     fake: FakeGcp,
 }
 
 async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let ring = Arc::new(
-        KeyRing::open(
-            &dir.path().join("keys"),
-            SigningAlgorithm::ES256,
-            SystemClock::shared(),
-        )
-        .unwrap(),
-    );
-    let minter = Arc::new(KeyRingMinter::new(ring.clone(), ISSUER));
-    let jwks_url = serve_jwks(ring.jwks()).await;
+    let keys = TestMinter::new(ISSUER);
+    let jwks_url = serve_jwks(keys.jwks()).await;
     let mut expect = GcpExpect::new(AUD, SA);
     expect.issuer = ISSUER.into();
     expect.jwks_url = jwks_url;
     expect.subject = Some(WORKLOAD.into());
     Fixture {
-        _dir: dir,
-        minter,
+        keys,
         fake: FakeGcp::start(expect).await,
     }
 }
 
 impl Fixture {
     fn dest(&self, extra: Value) -> GcpStsDestination {
-        let mut settings = json!({
-            "audience": AUD,
-            "sts_url": self.fake.sts_url,
-            "iam_credentials_url": self.fake.iam_url,
-            "max_attempts": 1,
-            "timeout_secs": 1,
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            settings[k] = v.clone();
-        }
-        let spec: DestinationSpec = serde_json::from_value(json!({
-            "name": "gcp-prod", "kind": "gcp-sts", "max_ttl_secs": 7200,
-            "scopes": ["storage", "bq"], "settings": settings,
-        }))
-        .unwrap();
-        GcpStsDestination::new(&spec, self.minter.clone()).unwrap()
+        let settings = minter::merged(
+            json!({
+                "audience": AUD,
+                "sts_url": self.fake.sts_url,
+                "iam_credentials_url": self.fake.iam_url,
+                "max_attempts": 1,
+                "timeout_secs": 1,
+            }),
+            &extra,
+        );
+        let spec = minter::spec(
+            json!({
+                "name": "gcp-prod", "kind": "gcp-sts", "max_ttl_secs": 7200,
+                "scopes": ["storage", "bq"],
+            }),
+            settings,
+        );
+        GcpStsDestination::new(&spec, self.keys.minter.clone()).unwrap()
     }
 }
 
@@ -79,22 +68,7 @@ async fn issue(
     ttl: u64,
     scopes: &[&str],
 ) -> Result<Issued, DestinationError> {
-    let grant = GrantId::generate();
-    let workload = WorkloadId::parse(WORKLOAD).unwrap();
-    let claims = serde_json::Map::new();
-    let scopes: Vec<Scope> = scopes.iter().map(|s| Scope::parse(s).unwrap()).collect();
-    d.issue(IssueRequest {
-        grant_id: &grant,
-        workload: &workload,
-        issuer: "k8s",
-        task: None,
-        scopes: &scopes,
-        ttl: Ttl::from_secs(ttl).unwrap(),
-        now: SystemClock.now_unix(),
-        actor_chain: &[],
-        claims: &claims,
-    })
-    .await
+    minter::issue(d, WORKLOAD, ttl, scopes).await
 }
 
 fn token(i: &Issued) -> &str {

@@ -70,12 +70,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use lanyard_core::{Secret, SystemClock, UnixTime};
-use lanyard_destination::http::{self, Body, CircuitBreaker, ClientSettings, RetryPolicy};
+use lanyard_destination::http::{self, Body, CircuitBreaker, RetryPolicy};
+use lanyard_destination::settings::{self, Plumbing};
 use lanyard_destination::{
     Credential, Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
     RevokeOutcome, RevokeRequest, Sealer, TokenMinter,
@@ -83,7 +83,7 @@ use lanyard_destination::{
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{Client, StatusCode, Url};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// The adapter kind this crate implements.
 pub const KIND: &str = "oauth2";
@@ -180,19 +180,19 @@ pub struct OAuth2Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_token_lifetime_secs: Option<u64>,
     /// Per-request timeout, seconds.
-    #[serde(default = "default_timeout")]
+    #[serde(default = "settings::default_timeout_secs")]
     pub timeout_secs: u64,
     /// Largest answer read, bytes.
-    #[serde(default = "default_max_response")]
+    #[serde(default = "settings::default_max_response_bytes")]
     pub max_response_bytes: usize,
     /// Attempts per exchange.
-    #[serde(default = "default_attempts")]
+    #[serde(default = "settings::default_max_attempts")]
     pub max_attempts: u32,
     /// Retryable failures in a row that open the breaker.
-    #[serde(default = "default_breaker_threshold")]
+    #[serde(default = "settings::default_breaker_threshold")]
     pub breaker_threshold: u32,
     /// How long the breaker stays open, seconds.
-    #[serde(default = "default_breaker_cooldown")]
+    #[serde(default = "settings::default_breaker_cooldown_secs")]
     pub breaker_cooldown_secs: u64,
 }
 
@@ -202,45 +202,17 @@ fn yes() -> bool {
 fn default_assertion_lifetime() -> u64 {
     300
 }
-fn default_timeout() -> u64 {
-    10
-}
-fn default_max_response() -> usize {
-    1 << 20
-}
-fn default_attempts() -> u32 {
-    2
-}
-fn default_breaker_threshold() -> u32 {
-    5
-}
-fn default_breaker_cooldown() -> u64 {
-    30
-}
 
 fn bad(message: String) -> DestinationError {
-    DestinationError::InvalidSettings {
-        kind: KIND.to_owned(),
-        message,
-    }
+    settings::invalid(KIND, message)
 }
 
 fn range(field: &str, v: u64, lo: u64, hi: u64) -> Result<()> {
-    if v < lo || v > hi {
-        return Err(bad(format!(
-            "settings.{field} must be {lo}..={hi}, not {v}"
-        )));
-    }
-    Ok(())
+    settings::check_range(KIND, field, v, lo, hi)
 }
 
 fn text(field: &str, v: &str) -> Result<()> {
-    if v.trim().is_empty() || v.len() > 1024 || v.chars().any(char::is_control) {
-        return Err(bad(format!(
-            "settings.{field} must be 1-1024 characters without control characters"
-        )));
-    }
-    Ok(())
+    settings::check_text(KIND, field, v, 1024)
 }
 
 /// RFC 6749 §3.3 scope-token characters (and the space between tokens).
@@ -264,15 +236,10 @@ impl OAuth2Settings {
     /// # Errors
     /// [`DestinationError::InvalidSettings`] naming the problem.
     pub fn from_value(settings: &Value) -> Result<Self> {
-        let value = match settings {
-            Value::Null => Value::Object(Map::new()),
-            other => other.clone(),
-        };
-        let s: OAuth2Settings =
-            serde_json::from_value(value).map_err(|e| bad(format!("settings: {e}")))?;
-        http::check_endpoint(&s.token_url).map_err(|m| bad(format!("settings.token_url: {m}")))?;
+        let s: OAuth2Settings = settings::parse(KIND, settings)?;
+        settings::check_endpoint(KIND, "token_url", &s.token_url)?;
         if let Some(u) = &s.revocation_url {
-            http::check_endpoint(u).map_err(|m| bad(format!("settings.revocation_url: {m}")))?;
+            settings::check_endpoint(KIND, "revocation_url", u)?;
         }
         for (field, v) in [
             ("assertion_audience", &s.assertion_audience),
@@ -316,16 +283,7 @@ impl OAuth2Settings {
         if let Some(m) = s.max_token_lifetime_secs {
             range("max_token_lifetime_secs", m, 30, 86_400)?;
         }
-        range("timeout_secs", s.timeout_secs, 1, 120)?;
-        range(
-            "max_response_bytes",
-            u64::try_from(s.max_response_bytes).unwrap_or(u64::MAX),
-            1024,
-            16 << 20,
-        )?;
-        range("max_attempts", u64::from(s.max_attempts), 1, 5)?;
-        range("breaker_threshold", u64::from(s.breaker_threshold), 1, 1000)?;
-        range("breaker_cooldown_secs", s.breaker_cooldown_secs, 1, 3600)?;
+        lanyard_destination::tuning!(s).check(KIND)?;
         match (s.client_auth, &s.client_id, &s.client_secret_file) {
             (ClientAuth::None, _, Some(_)) => {
                 return Err(bad(
@@ -412,13 +370,7 @@ impl OAuth2Destination {
         minter: Arc<dyn TokenMinter>,
         sealer: Arc<dyn Sealer>,
     ) -> Result<Self> {
-        if spec.kind != KIND {
-            return Err(bad(format!(
-                "destination {} has kind {:?}, not {KIND:?}",
-                spec.name, spec.kind
-            )));
-        }
-        spec.validate()?;
+        settings::check_spec(KIND, spec)?;
         let settings = OAuth2Settings::from_value(&spec.settings)?;
         for scope in spec
             .scopes
@@ -447,35 +399,27 @@ impl OAuth2Destination {
                 "settings.client_id must not be lanyard's issuer URL or a workload ID with client_auth private_key_jwt".into(),
             ));
         }
-        let token_url = http::check_endpoint(&settings.token_url)
-            .map_err(|m| bad(format!("settings.token_url: {m}")))?;
-        let revocation_url = match &settings.revocation_url {
-            Some(u) => Some(
-                http::check_endpoint(u)
-                    .map_err(|m| bad(format!("settings.revocation_url: {m}")))?,
-            ),
-            None => None,
-        };
+        let token_url = settings::check_endpoint(KIND, "token_url", &settings.token_url)?;
+        let revocation_url = settings
+            .revocation_url
+            .as_deref()
+            .map(|u| settings::check_endpoint(KIND, "revocation_url", u))
+            .transpose()?;
         let client_secret = settings
             .client_secret_file
             .as_deref()
             .map(read_client_secret)
             .transpose()?;
-        let client = http::build_client(
+        let Plumbing {
+            client,
+            breaker,
+            retry,
+        } = lanyard_destination::tuning!(settings).plumbing(
             KIND,
-            &ClientSettings::new(Duration::from_secs(settings.timeout_secs)),
-        )?;
-        let breaker = CircuitBreaker::new(
             &format!("destination {}", spec.name),
-            settings.breaker_threshold,
-            Duration::from_secs(settings.breaker_cooldown_secs),
             SystemClock::shared(),
-        );
-        let retry = RetryPolicy {
-            max_attempts: settings.max_attempts,
-            base_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(2),
-        };
+            None,
+        )?;
         Ok(Self {
             name: spec.name.clone(),
             assertion_audience: settings
@@ -692,18 +636,12 @@ impl Destination for OAuth2Destination {
             .as_secs()
             .min(self.settings.max_assertion_lifetime_secs);
         let started = tokio::time::Instant::now();
-        let req_ref = &req;
-        let (jti, resp) = http::retry(self.retry, &self.breaker, |_attempt| {
-            let elapsed = i64::try_from(started.elapsed().as_secs()).unwrap_or(i64::MAX);
-            let iat = req_ref.now.saturating_add(elapsed);
-            async move { self.attempt(req_ref, iat, life).await }
+        let (jti, resp) = http::retry_minting(self.retry, &self.breaker, req.now, started, |iat| {
+            self.attempt(&req, iat, life)
         })
         .await?;
         let host = http::host_of(&self.token_url);
-        let refuse = |message: String| DestinationError::Upstream {
-            message,
-            retryable: false,
-        };
+        let refuse = http::refused;
         if resp.access_token.is_empty() {
             return Err(refuse(format!("{host} answered without an access_token")));
         }
@@ -750,13 +688,7 @@ impl Destination for OAuth2Destination {
             }
             (Grant::JwtBearer, None) => None,
         };
-        if let Some(max) = self.settings.max_token_lifetime_secs
-            && expires_in > max
-        {
-            return Err(refuse(format!(
-                "{host} issued a token living {expires_in}s, more than max_token_lifetime_secs {max}s"
-            )));
-        }
+        http::check_max_lifetime(&host, expires_in, self.settings.max_token_lifetime_secs)?;
         let handle = if self.revocation_url.is_some() {
             self.sealer
                 .seal(

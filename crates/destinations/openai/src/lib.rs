@@ -53,11 +53,11 @@
 //! `max_token_lifetime_secs` to refuse tokens that would outlive what you accept.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use lanyard_core::{SystemClock, UnixTime};
-use lanyard_destination::http::{self, Body, CircuitBreaker, ClientSettings, RetryPolicy};
+use lanyard_destination::http::{self, Body, CircuitBreaker, RetryPolicy};
+use lanyard_destination::settings::{self, Plumbing};
 use lanyard_destination::{
     Destination, DestinationError, DestinationSpec, IssueRequest, Issued, Revocability,
     RevokeOutcome, RevokeRequest, TokenMinter,
@@ -65,7 +65,7 @@ use lanyard_destination::{
 use reqwest::header::HeaderMap;
 use reqwest::{Client, Url};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 /// The adapter kind this crate implements.
 pub const KIND: &str = "openai";
@@ -99,19 +99,19 @@ pub struct OpenAiSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_token_lifetime_secs: Option<u64>,
     /// Per-request timeout, seconds.
-    #[serde(default = "default_timeout")]
+    #[serde(default = "settings::default_timeout_secs")]
     pub timeout_secs: u64,
     /// Largest answer read, bytes.
-    #[serde(default = "default_max_response")]
+    #[serde(default = "settings::default_max_response_bytes")]
     pub max_response_bytes: usize,
     /// Attempts per exchange.
-    #[serde(default = "default_attempts")]
+    #[serde(default = "settings::default_max_attempts")]
     pub max_attempts: u32,
     /// Retryable failures in a row that open the breaker.
-    #[serde(default = "default_breaker_threshold")]
+    #[serde(default = "settings::default_breaker_threshold")]
     pub breaker_threshold: u32,
     /// How long the breaker stays open, seconds.
-    #[serde(default = "default_breaker_cooldown")]
+    #[serde(default = "settings::default_breaker_cooldown_secs")]
     pub breaker_cooldown_secs: u64,
 }
 
@@ -121,45 +121,13 @@ fn default_token_url() -> String {
 fn default_subject_lifetime() -> u64 {
     900
 }
-fn default_timeout() -> u64 {
-    10
-}
-fn default_max_response() -> usize {
-    1 << 20
-}
-fn default_attempts() -> u32 {
-    2
-}
-fn default_breaker_threshold() -> u32 {
-    5
-}
-fn default_breaker_cooldown() -> u64 {
-    30
-}
-
-fn bad(message: String) -> DestinationError {
-    DestinationError::InvalidSettings {
-        kind: KIND.to_owned(),
-        message,
-    }
-}
 
 fn range(field: &str, v: u64, lo: u64, hi: u64) -> Result<()> {
-    if v < lo || v > hi {
-        return Err(bad(format!(
-            "settings.{field} must be {lo}..={hi}, not {v}"
-        )));
-    }
-    Ok(())
+    settings::check_range(KIND, field, v, lo, hi)
 }
 
 fn text(field: &str, v: &str) -> Result<()> {
-    if v.trim().is_empty() || v.len() > 512 || v.chars().any(char::is_control) {
-        return Err(bad(format!(
-            "settings.{field} must be 1-512 characters without control characters"
-        )));
-    }
-    Ok(())
+    settings::check_text(KIND, field, v, 512)
 }
 
 impl OpenAiSettings {
@@ -168,13 +136,8 @@ impl OpenAiSettings {
     /// # Errors
     /// [`DestinationError::InvalidSettings`] naming the problem.
     pub fn from_value(settings: &Value) -> Result<Self> {
-        let value = match settings {
-            Value::Null => Value::Object(Map::new()),
-            other => other.clone(),
-        };
-        let s: OpenAiSettings =
-            serde_json::from_value(value).map_err(|e| bad(format!("settings: {e}")))?;
-        http::check_endpoint(&s.token_url).map_err(|m| bad(format!("settings.token_url: {m}")))?;
+        let s: OpenAiSettings = settings::parse(KIND, settings)?;
+        settings::check_endpoint(KIND, "token_url", &s.token_url)?;
         text("identity_provider_id", &s.identity_provider_id)?;
         text("service_account_id", &s.service_account_id)?;
         text("audience", &s.audience)?;
@@ -187,16 +150,7 @@ impl OpenAiSettings {
         if let Some(m) = s.max_token_lifetime_secs {
             range("max_token_lifetime_secs", m, 60, 86_400)?;
         }
-        range("timeout_secs", s.timeout_secs, 1, 120)?;
-        range(
-            "max_response_bytes",
-            u64::try_from(s.max_response_bytes).unwrap_or(u64::MAX),
-            1024,
-            16 << 20,
-        )?;
-        range("max_attempts", u64::from(s.max_attempts), 1, 5)?;
-        range("breaker_threshold", u64::from(s.breaker_threshold), 1, 1000)?;
-        range("breaker_cooldown_secs", s.breaker_cooldown_secs, 1, 3600)?;
+        lanyard_destination::tuning!(s).check(KIND)?;
         Ok(s)
     }
 }
@@ -234,31 +188,19 @@ impl OpenAiDestination {
     /// # Errors
     /// [`DestinationError::InvalidSettings`].
     pub fn new(spec: &DestinationSpec, minter: Arc<dyn TokenMinter>) -> Result<Self> {
-        if spec.kind != KIND {
-            return Err(bad(format!(
-                "destination {} has kind {:?}, not {KIND:?}",
-                spec.name, spec.kind
-            )));
-        }
-        spec.validate()?;
+        settings::check_spec(KIND, spec)?;
         let settings = OpenAiSettings::from_value(&spec.settings)?;
-        let token_url = http::check_endpoint(&settings.token_url)
-            .map_err(|m| bad(format!("settings.token_url: {m}")))?;
-        let client = http::build_client(
+        let token_url = settings::check_endpoint(KIND, "token_url", &settings.token_url)?;
+        let Plumbing {
+            client,
+            breaker,
+            retry,
+        } = lanyard_destination::tuning!(settings).plumbing(
             KIND,
-            &ClientSettings::new(Duration::from_secs(settings.timeout_secs)),
-        )?;
-        let breaker = CircuitBreaker::new(
             &format!("destination {}", spec.name),
-            settings.breaker_threshold,
-            Duration::from_secs(settings.breaker_cooldown_secs),
             SystemClock::shared(),
-        );
-        let retry = RetryPolicy {
-            max_attempts: settings.max_attempts,
-            base_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(2),
-        };
+            None,
+        )?;
         Ok(Self {
             name: spec.name.clone(),
             settings,
@@ -325,31 +267,21 @@ impl Destination for OpenAiDestination {
             .as_secs()
             .min(self.settings.max_subject_token_lifetime_secs);
         let started = tokio::time::Instant::now();
-        let req_ref = &req;
-        let (jti, resp) = http::retry(self.retry, &self.breaker, |_attempt| {
-            let elapsed = i64::try_from(started.elapsed().as_secs()).unwrap_or(i64::MAX);
-            let iat = req_ref.now.saturating_add(elapsed);
-            async move { self.attempt(req_ref, iat, life).await }
+        let (jti, resp) = http::retry_minting(self.retry, &self.breaker, req.now, started, |iat| {
+            self.attempt(&req, iat, life)
         })
         .await?;
         let host = http::host_of(&self.token_url);
-        let refuse = |message: String| DestinationError::Upstream {
-            message,
-            retryable: false,
-        };
         if resp.access_token.is_empty() || resp.expires_in == 0 {
-            return Err(refuse(format!(
+            return Err(http::refused(format!(
                 "{host} answered without an access_token or a positive expires_in"
             )));
         }
-        if let Some(max) = self.settings.max_token_lifetime_secs
-            && resp.expires_in > max
-        {
-            return Err(refuse(format!(
-                "{host} issued a token living {}s, more than max_token_lifetime_secs {max}s",
-                resp.expires_in
-            )));
-        }
+        http::check_max_lifetime(
+            &host,
+            resp.expires_in,
+            self.settings.max_token_lifetime_secs,
+        )?;
         Ok(http::bearer_issued(
             resp.access_token,
             req.now,

@@ -16,13 +16,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use jsonwebtoken::{DecodingKey, Validation, jwk::JwkSet};
-use lanyard_core::{Clock, GrantId, SystemClock, Ttl, WorkloadId};
+use lanyard_core::{Clock, GrantId, SystemClock};
 use lanyard_destination::{
-    Credential, Destination, DestinationError, DestinationSpec, IssueRequest, Revocability,
-    RevokeOutcome, RevokeRequest,
+    Credential, Destination, DestinationError, DestinationSpec, Revocability, RevokeOutcome,
+    RevokeRequest,
 };
 use lanyard_destination_openai::OpenAiDestination;
-use lanyard_keys::{KeyRing, KeyRingMinter, SigningAlgorithm};
+use lanyard_testkit::minter::{self, TestMinter};
+use lanyard_testkit::token_endpoint::oauth_error;
 use serde_json::{Value, json};
 
 const ISSUER: &str = "https://lanyard.test";
@@ -37,15 +38,6 @@ struct Fake {
     next: Mutex<Option<(u16, &'static str)>>,
     expires_in: u64,
     seen: Mutex<Vec<Value>>,
-}
-
-fn oauth_error(status: u16, error: &str, description: &str) -> Response {
-    (
-        StatusCode::from_u16(status).unwrap(),
-        [("content-type", "application/json")],
-        json!({"error": error, "error_description": description}).to_string(),
-    )
-        .into_response()
 }
 
 async fn token(State(f): State<Arc<Fake>>, body: Bytes) -> Response {
@@ -99,25 +91,15 @@ async fn token(State(f): State<Arc<Fake>>, body: Bytes) -> Response {
 }
 
 struct Fixture {
-    _dir: tempfile::TempDir,
-    minter: Arc<KeyRingMinter>,
+    keys: TestMinter,
     fake: Arc<Fake>,
     addr: SocketAddr,
 }
 
 async fn fixture(expires_in: u64) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let ring = Arc::new(
-        KeyRing::open(
-            &dir.path().join("keys"),
-            SigningAlgorithm::ES256,
-            SystemClock::shared(),
-        )
-        .unwrap(),
-    );
-    let minter = Arc::new(KeyRingMinter::new(ring.clone(), ISSUER));
+    let keys = TestMinter::new(ISSUER);
     let fake = Arc::new(Fake {
-        jwks: serde_json::from_value(ring.jwks()).unwrap(),
+        jwks: serde_json::from_value(keys.jwks()).unwrap(),
         next: Mutex::new(None),
         expires_in,
         seen: Mutex::new(Vec::new()),
@@ -125,34 +107,30 @@ async fn fixture(expires_in: u64) -> Fixture {
     let app = Router::new()
         .route("/oauth/token", post(token))
         .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Fixture {
-        _dir: dir,
-        minter,
+        keys,
         fake,
-        addr,
+        addr: lanyard_testkit::serve(app).await,
     }
 }
 
 impl Fixture {
     fn dest(&self, extra: Value) -> OpenAiDestination {
-        let mut settings = json!({
-            "token_url": format!("http://{}/oauth/token", self.addr),
-            "identity_provider_id": IDP,
-            "service_account_id": SA,
-            "audience": AUDIENCE,
-            "max_attempts": 1,
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            settings[k] = v.clone();
-        }
-        let spec: DestinationSpec = serde_json::from_value(json!({
-            "name": "openai-prod", "kind": "openai", "max_ttl_secs": 3600, "settings": settings,
-        }))
-        .unwrap();
-        OpenAiDestination::new(&spec, self.minter.clone()).unwrap()
+        let settings = minter::merged(
+            json!({
+                "token_url": format!("http://{}/oauth/token", self.addr),
+                "identity_provider_id": IDP,
+                "service_account_id": SA,
+                "audience": AUDIENCE,
+                "max_attempts": 1,
+            }),
+            &extra,
+        );
+        let spec = minter::spec(
+            json!({"name": "openai-prod", "kind": "openai", "max_ttl_secs": 3600}),
+            settings,
+        );
+        OpenAiDestination::new(&spec, self.keys.minter.clone()).unwrap()
     }
 }
 
@@ -160,21 +138,7 @@ async fn issue(
     d: &OpenAiDestination,
     ttl: u64,
 ) -> Result<lanyard_destination::Issued, DestinationError> {
-    let grant = GrantId::generate();
-    let workload = WorkloadId::parse(WORKLOAD).unwrap();
-    let claims = serde_json::Map::new();
-    d.issue(IssueRequest {
-        grant_id: &grant,
-        workload: &workload,
-        issuer: "k8s",
-        task: None,
-        scopes: &[],
-        ttl: Ttl::from_secs(ttl).unwrap(),
-        now: SystemClock.now_unix(),
-        actor_chain: &[],
-        claims: &claims,
-    })
-    .await
+    minter::issue(d, WORKLOAD, ttl, &[]).await
 }
 
 #[tokio::test]
@@ -281,7 +245,7 @@ async fn revoke_states_the_residual_lifetime() {
 #[tokio::test]
 async fn settings_are_checked_when_the_destination_is_built() {
     let f = fixture(600).await;
-    let minter = f.minter.clone();
+    let minter = f.keys.minter.clone();
     for (settings, want) in [
         (
             json!({"identity_provider_id": IDP, "service_account_id": SA}),

@@ -1025,7 +1025,8 @@ pub struct Destination {
     /// Adapter kind: "jwt" (lanyard-minted JWT for an internal API), "postgres" (dynamic
     /// database login roles; docs/destinations/postgres.md) or "claude" (Claude API tokens
     /// through Workload Identity Federation; docs/destinations/claude.md) or "openai"
-    /// (docs/destinations/openai.md); later "aws-sts", "gcp-sts", "azure", "oauth2".
+    /// (docs/destinations/openai.md), "aws-sts", "gcp-sts", "azure", "oauth2", or "proxy"
+    /// (a static-key API behind lanyard's proxy listener; docs/proxy.md).
     #[prost(string, tag = "2")]
     pub kind: ::prost::alloc::string::String,
     /// TTL when the request names none, seconds (default 900).
@@ -1075,6 +1076,39 @@ pub struct PutDestinationRequest {
 pub struct ListDestinationsResponse {
     #[prost(message, repeated, tag = "1")]
     pub destinations: ::prost::alloc::vec::Vec<Destination>,
+}
+/// Set or rotate a destination's static key. Secret: never logged.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct PutDestinationSecretRequest {
+    /// The destination's name; it must exist.
+    #[prost(string, tag = "1")]
+    pub destination: ::prost::alloc::string::String,
+    /// The key, as the upstream API expects it (without the destination's key_prefix),
+    /// 1-8192 printable ASCII characters. Secret.
+    #[prost(string, tag = "2")]
+    pub secret: ::prost::alloc::string::String,
+}
+/// What lanyard shows about a destination's static key: never the key.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DestinationSecretStatus {
+    /// The destination's name.
+    #[prost(string, tag = "1")]
+    pub destination: ::prost::alloc::string::String,
+    /// Whether a key is registered.
+    #[prost(bool, tag = "2")]
+    pub secret_set: bool,
+    /// When it was last set (unset when none is).
+    #[prost(message, optional, tag = "3")]
+    pub secret_updated_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// "hmac-sha256:<hex>": an HMAC of the key under lanyard's audit fingerprint key, to
+    /// tell keys apart (e.g. after a rotation) without revealing them. Empty when none is
+    /// set.
+    #[prost(string, tag = "4")]
+    pub fingerprint: ::prost::alloc::string::String,
+    /// Who set it (the operator identity).
+    #[prost(string, tag = "5")]
+    pub updated_by: ::prost::alloc::string::String,
 }
 /// One issued credential, as recorded (never the credential itself).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1969,6 +2003,64 @@ pub mod admin_service_client {
                 .insert(GrpcMethod::new("lanyard.v1.AdminService", "DeleteDestination"));
             self.inner.unary(req, path, codec).await
         }
+        /// Set or rotate a destination's static key (a "proxy" destination's upstream API
+        /// key). Write-only: the key is sealed with lanyard's seal key, bound to the
+        /// destination's name, and never returned by any API; the answer and the audit event
+        /// (destination_secret.put) carry only a fingerprint. Takes effect for the next
+        /// proxied request (every replica within its 2 s configuration poll).
+        pub async fn put_destination_secret(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PutDestinationSecretRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DestinationSecretStatus>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/PutDestinationSecret",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("lanyard.v1.AdminService", "PutDestinationSecret"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Whether a destination has a static key, since when, and its fingerprint.
+        pub async fn get_destination_secret(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DestinationSecretStatus>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.v1.AdminService/GetDestinationSecret",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("lanyard.v1.AdminService", "GetDestinationSecret"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
         /// Grants, newest first, filtered and paged.
         pub async fn list_grants(
             &mut self,
@@ -2553,6 +2645,26 @@ pub mod admin_service_server {
             &self,
             request: tonic::Request<super::DeleteRequest>,
         ) -> std::result::Result<tonic::Response<super::DeleteResponse>, tonic::Status>;
+        /// Set or rotate a destination's static key (a "proxy" destination's upstream API
+        /// key). Write-only: the key is sealed with lanyard's seal key, bound to the
+        /// destination's name, and never returned by any API; the answer and the audit event
+        /// (destination_secret.put) carry only a fingerprint. Takes effect for the next
+        /// proxied request (every replica within its 2 s configuration poll).
+        async fn put_destination_secret(
+            &self,
+            request: tonic::Request<super::PutDestinationSecretRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DestinationSecretStatus>,
+            tonic::Status,
+        >;
+        /// Whether a destination has a static key, since when, and its fingerprint.
+        async fn get_destination_secret(
+            &self,
+            request: tonic::Request<super::GetRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DestinationSecretStatus>,
+            tonic::Status,
+        >;
         /// Grants, newest first, filtered and paged.
         async fn list_grants(
             &self,
@@ -3284,6 +3396,96 @@ pub mod admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DeleteDestinationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/PutDestinationSecret" => {
+                    #[allow(non_camel_case_types)]
+                    struct PutDestinationSecretSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<super::PutDestinationSecretRequest>
+                    for PutDestinationSecretSvc<T> {
+                        type Response = super::DestinationSecretStatus;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PutDestinationSecretRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::put_destination_secret(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PutDestinationSecretSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.v1.AdminService/GetDestinationSecret" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetDestinationSecretSvc<T: AdminService>(pub Arc<T>);
+                    impl<T: AdminService> tonic::server::UnaryService<super::GetRequest>
+                    for GetDestinationSecretSvc<T> {
+                        type Response = super::DestinationSecretStatus;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::get_destination_secret(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetDestinationSecretSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
