@@ -445,6 +445,10 @@ impl PgFixture {
         let dir = tempfile::tempdir().unwrap();
         let url_file = dir.path().join("admin-url");
         std::fs::write(&url_file, &db_url).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let rest = url.split_once('@').unwrap().1;
         let hp = rest.split_once('/').unwrap().0;
         let (h, p) = hp.rsplit_once(':').unwrap();

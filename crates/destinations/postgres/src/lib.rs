@@ -912,10 +912,14 @@ fn read_admin_url(settings: &PostgresSettings) -> Result<(Secret, String)> {
     let (raw, source) = match (&settings.admin_url_file, &settings.admin_url_env) {
         (Some(path), _) => {
             let source = format!("admin_url_file {}", path.display());
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                // The io error names the kind of failure, never the contents.
-                invalid(format!("cannot read {source}: {}", e.kind()))
-            })?;
+            // Owner-only, checked on the open file; errors never quote the contents.
+            let text = lanyard_destination::read_secret_file(
+                KIND,
+                "admin_url_file",
+                &path.to_string_lossy(),
+            )?
+            .expose()
+            .to_owned();
             (text, source)
         }
         (None, Some(var)) => {
@@ -1421,6 +1425,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("url");
         std::fs::write(&path, "postgres://admin:hunter2@127.0.0.1:1/other\n").unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let d =
             PostgresDestination::new(&spec(with(base(), "admin_url_file", json!(path)))).unwrap();
         assert_eq!(d.kind(), KIND);

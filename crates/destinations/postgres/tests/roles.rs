@@ -125,6 +125,7 @@ impl Fixture {
         let url_file = dir.path().join("admin-url");
         // The adapter replaces the URL's database with `database`.
         std::fs::write(&url_file, format!("{admin}\n")).unwrap();
+        private(&url_file);
         Self {
             admin: admin.to_owned(),
             db,
@@ -741,6 +742,7 @@ fn bad_settings_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let url_file = dir.path().join("admin-url");
     std::fs::write(&url_file, "postgres://admin:hunter2@127.0.0.1:5432/x").unwrap();
+    private(&url_file);
     let good = json!({
         "host": "127.0.0.1", "database": "orders", "admin_url_file": url_file,
         "scope_roles": {"db:read": ["app_readonly"], "db:write": ["app_readwrite"]}
@@ -760,6 +762,10 @@ fn bad_settings_are_refused_clearly() {
     unreadable["admin_url_file"] = json!(gone);
     let mut directory = good.clone();
     directory["admin_url_file"] = json!(dir.path());
+    let loose = dir.path().join("loose-url");
+    std::fs::write(&loose, "postgres://admin:hunter2@127.0.0.1:5432/x").unwrap();
+    let mut readable_by_others = good.clone();
+    readable_by_others["admin_url_file"] = json!(loose);
     let mut unset_env = good.clone();
     unset_env.as_object_mut().unwrap().remove("admin_url_file");
     unset_env["admin_url_env"] = json!("LANYARD_TEST_SURELY_UNSET_VARIABLE");
@@ -781,8 +787,12 @@ fn bad_settings_are_refused_clearly() {
         ),
         (
             directory,
-            format!("cannot read admin_url_file {}", dir.path().display()),
+            format!(
+                "admin_url_file {} is not a regular file",
+                dir.path().display()
+            ),
         ),
+        (readable_by_others, "chmod 600".to_owned()),
         (
             unset_env,
             "admin_url_env LANYARD_TEST_SURELY_UNSET_VARIABLE is not set".to_owned(),
@@ -815,6 +825,7 @@ async fn unreachable_database_is_a_quick_retryable_error() {
         format!("postgres://admin:hunter2@127.0.0.1:{port}/x"),
     )
     .unwrap();
+    private(&url_file);
     let d = PostgresDestination::new(&spec(json!({
         "host": "127.0.0.1", "port": port, "database": "orders", "admin_url_file": url_file,
         "scope_roles": {"db:read": ["app_readonly"], "db:write": []},
@@ -866,4 +877,10 @@ async fn unreachable_database_is_a_quick_retryable_error() {
         ),
         "{err:?}"
     );
+}
+
+/// Make `path` readable by its owner only, as an admin URL file must be.
+fn private(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
