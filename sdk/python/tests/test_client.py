@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import DevServer, FakeClock
+from conftest import DevServer, FakeClock, eventually, patience
 
 from lanyard_client import (
     ApiError,
@@ -108,13 +109,50 @@ def test_second_exchange_is_served_from_the_cache(server: DevServer) -> None:
 
 def test_concurrent_callers_share_one_exchange(server: DevServer) -> None:
     token = server.mint()
-    source = Counting(lambda: token)
+    callers = 8
+    client: Client
+
+    class Gated:
+        """The first token read waits until every caller has asked for the key's lock,
+        so the callers overlap for certain: all but one must wait for the exchange."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.all_in = threading.Event()
+
+        def token(self) -> str:
+            self.calls += 1
+            assert self.all_in.wait(patience()), "the callers did not overlap"
+            return token
+
+    source = Gated()
     client = Client(server.target, source)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        grants = list(pool.map(lambda _: client.exchange(DEST, scopes=["read"]), range(16)))
+    entered = 0
+    entered_lock = threading.Lock()
+    hold = client._key_locks.hold
+
+    def counting_hold(key: Any) -> Any:
+        nonlocal entered
+        with entered_lock:
+            entered += 1
+            if entered == callers:
+                source.all_in.set()
+        return hold(key)
+
+    client._key_locks.hold = counting_hold  # type: ignore[method-assign]
+    start = threading.Barrier(callers)
+
+    def call(_: int) -> Any:
+        start.wait()
+        return client.exchange(DEST, scopes=["read"])
+
+    with ThreadPoolExecutor(max_workers=callers) as pool:
+        grants = list(pool.map(call, range(callers)))
+    assert entered == callers
     assert len({g.grant_id for g in grants}) == 1
     assert source.calls == 1
     assert len(server.grants()) == 1
+    assert len(client._key_locks) == 0  # pruned once nobody holds them
 
 
 # === renewal ===
@@ -126,31 +164,36 @@ def test_grant_near_expiry_is_renewed_with_a_fresh_token(
     path = tmp_path / "token"
     write_token(path, server.mint())
     source = Counting(FileTokenSource(path))
-    client = Client(server.target, source, refresh_margin=30, clock=clock)
+    # A long TTL and a large margin: renewal is due 600 - 200 = 400 s after receipt on
+    # the fake monotonic clock, whatever the real time the server took.
+    client = Client(server.target, source, refresh_margin=200, monotonic=clock)
 
-    # A short TTL: the margin shrinks to half the lifetime, so the grant is still cached.
-    first = client.exchange(DEST, scopes=["read"], ttl=6)
-    assert first.expires_at.timestamp() - clock() >= 4
-    clock.advance(1)
-    assert client.exchange(DEST, scopes=["read"], ttl=6) is first
+    first = client.exchange(DEST, scopes=["read"], ttl=600)
+    clock.advance(399)
+    assert client.exchange(DEST, scopes=["read"], ttl=600) is first
     assert source.calls == 1
 
+    # lanyard's expiry has whole seconds: let its clock pass the first grant's second so
+    # that the renewed expiry is strictly later (a condition polled, not a fixed sleep).
+    issued = int(first.expires_at.timestamp()) - 600
+    eventually("lanyard's clock to pass a second", lambda: time.time() >= issued + 1 or None)
+
     # The platform rotated the token; inside the margin the client renews with the new one.
-    rotated = server.mint()
-    write_token(path, rotated)
-    clock.set(first.expires_at.timestamp() - 2)
-    renewed = client.exchange(DEST, scopes=["read"], ttl=6)
+    write_token(path, server.mint())
+    clock.advance(2)
+    renewed = client.exchange(DEST, scopes=["read"], ttl=600)
     assert source.calls == 2
     assert renewed.grant_id == first.grant_id
     assert renewed.bearer.token != first.bearer.token
-    assert renewed.expires_at >= first.expires_at
+    assert renewed.expires_at > first.expires_at
 
     listed = server.grant(first.grant_id)
     assert listed["status"] == "active"
     assert listed["renew_count"] == 1
     assert len(server.grants()) == 1
     # The renewed credential is cached in turn.
-    assert client.exchange(DEST, scopes=["read"], ttl=6) is renewed
+    clock.advance(100)
+    assert client.exchange(DEST, scopes=["read"], ttl=600) is renewed
     assert source.calls == 2
 
 
@@ -159,7 +202,7 @@ def test_renew_reads_the_token_file_again(
 ) -> None:
     path = tmp_path / "token"
     write_token(path, server.mint(task="run-1"))
-    client = Client(server.target, FileTokenSource(path), refresh_margin=60, clock=clock)
+    client = Client(server.target, FileTokenSource(path), refresh_margin=60, monotonic=clock)
     grant = client.exchange(DEST, ttl=300)
 
     # The file now proves another task: the renew carries it, and lanyard refuses it.
@@ -173,7 +216,7 @@ def test_renew_reads_the_token_file_again(
 
 def test_expired_grant_is_replaced_by_a_new_exchange(server: DevServer, clock: FakeClock) -> None:
     token = server.mint()
-    client = Client(server.target, lambda: token, clock=clock)
+    client = Client(server.target, lambda: token, monotonic=clock)
     first = client.exchange(DEST, ttl=60)
     clock.set(first.expires_at.timestamp() + 1)
     second = client.exchange(DEST, ttl=60)
@@ -186,7 +229,7 @@ def test_renew_of_a_released_grant_falls_back_to_exchange(
     server: DevServer, clock: FakeClock
 ) -> None:
     token = server.mint()
-    client = Client(server.target, lambda: token, refresh_margin=30, clock=clock)
+    client = Client(server.target, lambda: token, refresh_margin=30, monotonic=clock)
     first = client.exchange(DEST, ttl=120)
     # Someone else (another process of the same workload) released it.
     Client(server.target, lambda: token).release(first.grant_id)
@@ -346,7 +389,7 @@ def test_secrets_never_in_repr_str_or_logs(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="lanyard_client")
     subject = server.mint()
-    client = Client(server.target, lambda: subject, clock=clock)
+    client = Client(server.target, lambda: subject, monotonic=clock)
     grant = client.exchange(DEST, ttl=60)
     clock.set(grant.expires_at.timestamp() - 10)
     renewed = client.exchange(DEST, ttl=60)

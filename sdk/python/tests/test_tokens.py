@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import traceback
 import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +23,7 @@ from lanyard_client import (
     GitHubActionsTokenSource,
     TokenSourceError,
 )
-from lanyard_client.tokens import as_token_source
+from lanyard_client.tokens import MAX_TOKEN_BYTES, as_token_source
 
 REQUEST_TOKEN = "runner-request-token-secret"
 
@@ -102,6 +103,7 @@ class RunnerTokenServer:
         self.value: str | None = None
         self.status = 200
         self.body: bytes | None = None
+        self.redirect: str | None = None
         self.requests: list[tuple[str, dict[str, list[str]], str | None]] = []
         outer = self
 
@@ -111,7 +113,12 @@ class RunnerTokenServer:
                 query = urllib.parse.parse_qs(parts.query)
                 auth = self.headers.get("Authorization")
                 outer.requests.append((parts.path, query, auth))
-                if auth != f"bearer {REQUEST_TOKEN}":
+                if outer.redirect is not None and parts.path != outer.redirect:
+                    self.send_response(302)
+                    self.send_header("Location", f"{outer.url}{outer.redirect}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif auth != f"bearer {REQUEST_TOKEN}":
                     self._answer(401, b'{"message": "bad token"}')
                 elif outer.status != 200:
                     self._answer(outer.status, b"{}")
@@ -156,7 +163,7 @@ def test_github_actions_source_exchanges_against_lanyard(
     server: DevServer, runner: RunnerTokenServer, clock: FakeClock
 ) -> None:
     runner.value = server.mint(subject="gha-job", task="run-42")
-    client = Client(server.target, GitHubActionsTokenSource(audience="lanyard"), clock=clock)
+    client = Client(server.target, GitHubActionsTokenSource(audience="lanyard"), monotonic=clock)
     grant = client.exchange("dev-api", scopes=["read"], ttl=60)
     assert grant.workload_id == "spiffe://lanyard.local/dev/gha-job"
     assert grant.task_id == "run-42"
@@ -213,3 +220,61 @@ def test_github_actions_source_errors(
     monkeypatch.delenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN")
     with pytest.raises(TokenSourceError, match="id-token: write"):
         source.token()
+
+
+def test_github_actions_source_replaces_the_audience_and_drops_the_fragment(
+    runner: RunnerTokenServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "ACTIONS_ID_TOKEN_REQUEST_URL",
+        f"{runner.url}/_apis/token?api-version=2.0&audience=someone-else&x=a%26b#frag",
+    )
+    runner.value = "h.p.s"
+    assert GitHubActionsTokenSource(audience="lanyard").token() == "h.p.s"
+    path, query, _ = runner.requests[0]
+    assert path == "/_apis/token"
+    assert query == {"api-version": ["2.0"], "x": ["a&b"], "audience": ["lanyard"]}
+
+
+def test_github_actions_source_refuses_redirects(runner: RunnerTokenServer) -> None:
+    runner.value = "h.p.s"
+    runner.redirect = "/elsewhere"
+    with pytest.raises(TokenSourceError, match="redirect") as err:
+        GitHubActionsTokenSource().token()
+    assert REQUEST_TOKEN not in str(err.value)
+    # The redirect was not followed: the request token went nowhere else.
+    assert [path for path, _, _ in runner.requests] == ["/_apis/token"]
+
+
+def test_file_source_strips_a_utf8_bom(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(b"\xef\xbb\xbfbom.token.value\r\n")
+    assert FileTokenSource(path).token() == "bom.token.value"
+
+
+def test_callable_source_does_not_chain_the_functions_exception() -> None:
+    def leaky() -> str:
+        raise RuntimeError("token=secret-token-text")
+
+    with pytest.raises(TokenSourceError) as err:
+        CallableTokenSource(leaky).token()
+    assert err.value.__cause__ is None
+    assert err.value.__context__ is None
+    rendered = "".join(
+        traceback.TracebackException.from_exception(err.value, capture_locals=True).format()
+    )
+    assert "secret-token-text" not in rendered
+
+
+def test_token_source_error_through_the_client_carries_no_token_locals(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "token"
+    path.write_text("x" * (MAX_TOKEN_BYTES + 10))  # too large: refused, not sent
+    client = Client("127.0.0.1:1", FileTokenSource(path))
+    with pytest.raises(TokenSourceError, match="larger") as err:
+        client.exchange("dev-api")
+    rendered = "".join(
+        traceback.TracebackException.from_exception(err.value, capture_locals=True).format()
+    )
+    assert "x" * 100 not in rendered

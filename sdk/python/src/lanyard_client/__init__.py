@@ -11,7 +11,7 @@ See the package README and docs/clients.md in the lanyard repository.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .client import RENEW_FALLBACK_REASONS, Client, GrantContext
+from .client import RELEASE_GONE_REASONS, RENEW_FALLBACK_REASONS, Client, GrantContext
 from .credentials import (
     AwsCredentials,
     BearerToken,
@@ -21,7 +21,14 @@ from .credentials import (
     ReleaseReceipt,
     Revocability,
 )
-from .errors import ERROR_DOMAIN, REASON_METADATA_KEY, ApiError, LanyardError, TokenSourceError
+from .errors import (
+    ERROR_DOMAIN,
+    REASON_METADATA_KEY,
+    ApiError,
+    LanyardError,
+    TokenSourceError,
+    UnsupportedCredentialError,
+)
 from .tokens import (
     DEFAULT_KUBERNETES_TOKEN_PATH,
     CallableTokenSource,
@@ -40,6 +47,7 @@ __all__ = [
     "DEFAULT_KUBERNETES_TOKEN_PATH",
     "ERROR_DOMAIN",
     "REASON_METADATA_KEY",
+    "RELEASE_GONE_REASONS",
     "RENEW_FALLBACK_REASONS",
     "ApiError",
     "AwsCredentials",
@@ -58,4 +66,5 @@ __all__ = [
     "Revocability",
     "TokenSource",
     "TokenSourceError",
+    "UnsupportedCredentialError",
 ]

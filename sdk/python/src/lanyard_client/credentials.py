@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import Union
 
 from ._proto import exchange_pb2 as pb
+from .errors import UnsupportedCredentialError
 
 __all__ = [
     "AwsCredentials",
@@ -130,7 +131,8 @@ class Grant:
 
     @classmethod
     def from_proto(cls, resp: pb.ExchangeResponse) -> Grant:
-        """Convert an ``ExchangeResponse``. ``ValueError`` when it holds no credential."""
+        """Convert an ``ExchangeResponse``. :class:`UnsupportedCredentialError` when it
+        holds no credential of a kind this client knows."""
         return cls(
             grant_id=resp.grant_id,
             destination=resp.destination,
@@ -198,4 +200,4 @@ def _credential(c: pb.Credential) -> Credential:
             username=c.database.username,
             password=c.database.password,
         )
-    raise ValueError(f"the response holds no credential this client knows ({kind!r})")
+    raise UnsupportedCredentialError(kind)

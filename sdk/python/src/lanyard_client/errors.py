@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import grpc
 
-__all__ = ["ERROR_DOMAIN", "REASON_METADATA_KEY", "ApiError", "LanyardError", "TokenSourceError"]
+__all__ = [
+    "ERROR_DOMAIN",
+    "REASON_METADATA_KEY",
+    "ApiError",
+    "LanyardError",
+    "TokenSourceError",
+    "UnsupportedCredentialError",
+]
 
 #: ``google.rpc.ErrorInfo.domain`` of lanyard's errors.
 ERROR_DOMAIN = "lanyard.dev"
@@ -20,6 +27,24 @@ class LanyardError(Exception):
 
 class TokenSourceError(LanyardError):
     """The platform token could not be read (missing file, unset variable, failed request)."""
+
+
+class UnsupportedCredentialError(LanyardError):
+    """lanyard issued a credential of a kind this client does not know (a newer server):
+    the client released the grant. Upgrade lanyard-client.
+
+    Attributes:
+        kind: the credential's kind as lanyard named it (``None`` when it had none).
+        grant_id: the released grant, when known.
+    """
+
+    def __init__(self, kind: str | None, grant_id: str | None = None) -> None:
+        self.kind = kind
+        self.grant_id = grant_id
+        text = f"lanyard answered with a credential kind this client does not know ({kind!r})"
+        if grant_id:
+            text += f"; grant {grant_id} was released"
+        super().__init__(text)
 
 
 class ApiError(LanyardError):

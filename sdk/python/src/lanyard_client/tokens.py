@@ -49,11 +49,37 @@ class TokenSource(Protocol):
 
 def _checked(token: str, where: str) -> str:
     token = token.strip()
-    if not token:
-        raise TokenSourceError(f"{where}: the token is empty")
-    if len(token.encode("utf-8")) > MAX_TOKEN_BYTES:
-        raise TokenSourceError(f"{where}: the token is larger than {MAX_TOKEN_BYTES} bytes")
-    return token
+    if token and len(token.encode("utf-8")) <= MAX_TOKEN_BYTES:
+        return token
+    problem = "is empty" if not token else f"is larger than {MAX_TOKEN_BYTES} bytes"
+    del token  # not a local of the frame in the traceback
+    raise TokenSourceError(f"{where}: the token {problem}")
+
+
+def _with_audience(url: str, audience: str) -> str:
+    """``url`` with its query's ``audience`` replaced by ``audience`` (other parameters
+    kept in order) and without a fragment."""
+    parts = urllib.parse.urlsplit(url)
+    query = [
+        (k, v)
+        for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if k != "audience"
+    ]
+    query.append(("audience", audience))
+    return urllib.parse.urlunsplit(
+        (parts.scheme, parts.netloc, parts.path, urllib.parse.urlencode(query), "")
+    )
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are errors: following one would send the runner's request token (the
+    Authorization header) to wherever the answer points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
 
 
 class FileTokenSource:
@@ -75,7 +101,7 @@ class FileTokenSource:
                 f"reading the token file {self.path}: {e.strerror or e}"
             ) from None
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError:
             raise TokenSourceError(f"the token file {self.path} is not UTF-8") from None
         return _checked(text, f"token file {self.path}")
@@ -105,9 +131,11 @@ class GitHubActionsTokenSource:
 
     The job needs ``permissions: id-token: write``, which makes the runner set
     ``ACTIONS_ID_TOKEN_REQUEST_URL`` and ``ACTIONS_ID_TOKEN_REQUEST_TOKEN``. The token is
-    requested with ``GET $ACTIONS_ID_TOKEN_REQUEST_URL&audience=<audience>`` and
+    requested with ``GET $ACTIONS_ID_TOKEN_REQUEST_URL`` (its query kept, ``audience``
+    set to ``audience``, any fragment dropped) and
     ``Authorization: bearer $ACTIONS_ID_TOKEN_REQUEST_TOKEN``; the answer is
-    ``{"value": "<jwt>"}``. ``audience`` must be one of the audiences the lanyard issuer
+    ``{"value": "<jwt>"}``. Redirects are refused: following one would send the request
+    token to wherever it points. ``audience`` must be one of the audiences the lanyard issuer
     accepts.
     """
 
@@ -126,8 +154,7 @@ class GitHubActionsTokenSource:
                 f"{self.URL_ENV} and {self.TOKEN_ENV} are not set: not in GitHub Actions, "
                 "or the job lacks `permissions: id-token: write`"
             )
-        sep = "&" if urllib.parse.urlsplit(url).query else ("" if url.endswith("?") else "?")
-        full = f"{url}{sep}audience={urllib.parse.quote(self.audience, safe='')}"
+        full = _with_audience(url, self.audience)
         return urllib.request.Request(
             full,
             headers={"Authorization": f"bearer {bearer}", "Accept": "application/json"},
@@ -140,9 +167,14 @@ class GitHubActionsTokenSource:
         # enough to diagnose.
         host = urllib.parse.urlsplit(request.full_url).netloc
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+            with _NO_REDIRECTS.open(request, timeout=self.timeout) as resp:
                 body = resp.read(MAX_TOKEN_BYTES + 1)
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                raise TokenSourceError(
+                    f"the GitHub Actions token request to {host} was redirected "
+                    f"(HTTP {e.code}); redirects are not followed"
+                ) from None
             raise TokenSourceError(
                 f"the GitHub Actions token request to {host} answered HTTP {e.code}"
             ) from None
@@ -172,12 +204,17 @@ class CallableTokenSource:
         self.fn = fn
 
     def token(self) -> str:
+        failed: str | None = None
         try:
             value = self.fn()
         except TokenSourceError:
             raise
         except Exception as e:  # the function's own failure, named by type only
-            raise TokenSourceError(f"the token function failed: {type(e).__name__}") from e
+            failed = type(e).__name__
+        if failed is not None:
+            # Raised outside the handler and `from None`: the function's exception (whose
+            # message or frames may hold the token) is neither chained nor the context.
+            raise TokenSourceError(f"the token function failed: {failed}") from None
         if not isinstance(value, str):
             raise TokenSourceError(f"the token function returned {type(value).__name__}, not str")
         return _checked(value, "token function")
