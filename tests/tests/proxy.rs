@@ -8,6 +8,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -68,6 +69,57 @@ async fn upstream_handler(State(up): State<Arc<Upstream>>, req: Request) -> Resp
     let body = axum::body::to_bytes(req.into_body(), 1 << 20)
         .await
         .unwrap();
+    if let Some(what) = path.strip_prefix("/v1/test/") {
+        let key = up.key.lock().unwrap().clone();
+        let json = |b: axum::http::response::Builder| b.body(Body::from("{}")).unwrap();
+        return match what {
+            // A debugging header that echoes the key.
+            "leak-header" => json(Response::builder().header("x-debug", format!("key={key}"))),
+            // The key in the body, split across two chunks sent apart.
+            "leak-body" => {
+                let (tx, rx) = mpsc::channel::<Result<String, std::io::Error>>(4);
+                let up = up.clone();
+                tokio::spawn(async move {
+                    let (a, b) = key.split_at(8);
+                    tx.send(Ok(format!("data: one\n\ndata: {a}")))
+                        .await
+                        .unwrap();
+                    up.gate.notified().await;
+                    let _ = tx.send(Ok(format!("{b}\n\ndata: after\n\n"))).await;
+                });
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from_stream(
+                        tokio_stream::wrappers::ReceiverStream::new(rx),
+                    ))
+                    .unwrap()
+            }
+            // Far more than socket buffers hold, for a client that stops reading.
+            "firehose" => {
+                let chunk = axum::body::Bytes::from(vec![b'x'; 64 * 1024]);
+                let chunks = tokio_stream::iter(
+                    (0..512).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+                );
+                Response::builder().body(Body::from_stream(chunks)).unwrap()
+            }
+            "cookie" => json(
+                Response::builder()
+                    .header("set-cookie", "session=owner; Path=/")
+                    .header("x-ok", "1"),
+            ),
+            "redirect-away" => json(
+                Response::builder()
+                    .status(302)
+                    .header("location", "https://evil.example/collect"),
+            ),
+            "redirect-here" => json(
+                Response::builder()
+                    .status(302)
+                    .header("location", "/v1/test/elsewhere"),
+            ),
+            _ => json(Response::builder().status(404)),
+        };
+    }
     if path.starts_with("/v1/stream") {
         let (tx, rx) = mpsc::channel::<Result<String, std::io::Error>>(4);
         let up = up.clone();
@@ -126,7 +178,8 @@ fn settings(upstream: &str, rpm: u32) -> Value {
         "rules": {
             "llm:read": [{"methods": ["GET"], "path": "/v1/models/**"}],
             "llm:write": [{"methods": ["POST"], "path": "/v1/messages"},
-                          {"methods": ["POST"], "path": "/v1/stream"}],
+                          {"methods": ["POST"], "path": "/v1/stream"},
+                          {"methods": ["GET"], "path": "/v1/test/*"}],
             "llm:admin": [{"methods": ["POST", "DELETE"], "path": "/v1/organizations/**"}],
         },
         "max_request_bytes": 1024,
@@ -175,11 +228,16 @@ async fn set_key(env: &Env, name: &str, key: &str) -> String {
 }
 
 async fn start() -> Env {
+    start_with("recheck_interval = \"250ms\"\n").await
+}
+
+/// Start with more `[proxy]` settings.
+async fn start_with(proxy_settings: &str) -> Env {
     let (upstream, up) = start_upstream().await;
     let issuer = TestIssuer::start(KeyAlg::Es256).await;
     let l = Lanyard::start(LanyardOptions {
         policy: Some(POLICY.into()),
-        extra_config: "[proxy]\nlisten = \"127.0.0.1:0\"\nrecheck_interval = \"250ms\"\n".into(),
+        extra_config: format!("[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_settings}"),
         ..Default::default()
     })
     .await;
@@ -480,7 +538,9 @@ async fn server_sent_events_stream_through_chunk_by_chunk() {
 
 #[tokio::test]
 async fn revocation_cuts_a_stream_in_flight_and_refuses_new_requests() {
-    let env = start().await;
+    // The store is polled only every minute: within patience, only the wake-up on the
+    // revocation's commit can cut the stream.
+    let env = start_with("recheck_interval = \"60s\"\n").await;
     let (token, grant) = env.exchange("agent", "llm", &["llm:write"]).await;
     let mut resp = reqwest::Client::new()
         .post(env.url("/v1/stream"))
@@ -508,8 +568,9 @@ async fn revocation_cuts_a_stream_in_flight_and_refuses_new_requests() {
     )
     .await;
     assert!(ok, "{out}\n{err}");
-    // The stream ends without the second event, though the upstream never closed it.
-    let end = tokio::time::timeout(patience(), async {
+    // The stream ends without the second event, though the upstream never closed it,
+    // well before the first poll of the store (60 s).
+    let end = tokio::time::timeout(Duration::from_secs(45), async {
         loop {
             match resp.chunk().await {
                 Ok(Some(c)) => assert!(!c.windows(6).any(|w| w == b"second"), "no more events"),
@@ -566,9 +627,51 @@ async fn scope_rules_separate_read_write_and_escalation() {
             "{method} {path} reached the upstream"
         );
     }
-    // A lanyard token for another destination, none, or garbage.
+    // Case matters, and the path is matched decoded: `%6d` is `m`.
+    for (token, method, path) in [
+        (&write, "POST", "/V1/messages"),
+        (&write, "POST", "/v1/Messages"),
+        (&read, "POST", "/v1/%6dessages"),
+        (&read, "GET", "/v1/%6dessages"),
+    ] {
+        let before = env.upstream_hits();
+        let (status, body, _) = env.call(method, path, token, "{}").await;
+        assert_eq!(
+            (status, reason(&body)),
+            (403, "SCOPE_NOT_ALLOWED"),
+            "{method} {path}: {body}"
+        );
+        assert_eq!(env.upstream_hits(), before, "{method} {path}");
+    }
+    let (status, body, _) = env.call("POST", "/v1/%6dessages", &write, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["path"], "/v1/%6dessages", "forwarded as received");
+    let (status, body, _) = env.call("GET", "/v1/%6dodels/claude", &read, "").await;
+    assert_eq!(status, 200, "{body}");
+
+    // A released grant is refused at once, long before its token expires.
+    let (released, grant) = env.exchange("writer", "llm", &["llm:write"]).await;
+    env.l
+        .exchange()
+        .await
+        .release(pb::ReleaseRequest {
+            grant_id: grant.grant_id.clone(),
+            subject_token: env.issuer.mint(&claims(&env.issuer, "writer", "run-1")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = env.upstream_hits();
+    let (status, body, _) = env.call("POST", "/v1/messages", &released, "{}").await;
+    assert_eq!((status, reason(&body)), (403, "GRANT_NOT_ACTIVE"), "{body}");
+    assert_eq!(env.upstream_hits(), before);
+
+    // A lanyard token for another destination (of kind proxy too), none, or garbage.
+    put_proxy_destination(&env.l, "llm2", &env.upstream, 600).await;
+    let (llm2, _) = env.exchange("writer", "llm2", &["llm:write"]).await;
     let (orders, _) = env.exchange("writer", "orders", &["read"]).await;
     for (token, want) in [
+        (llm2.as_str(), "AUDIENCE_MISMATCH"),
         (orders.as_str(), "AUDIENCE_MISMATCH"),
         ("", "TOKEN_MALFORMED"),
         ("garbage", "TOKEN_MALFORMED"),
@@ -613,6 +716,10 @@ async fn hostile_requests_are_refused_before_the_upstream() {
         "/d/llm/v1/%252e%252e/messages",
         "/d/llm/v1/..;/messages",
         "/d/llm/v1/%5c../messages",
+        "/d/llm/v1/messages.",
+        "/d/llm/v1/messages%2e",
+        "/d/llm/v1/messages%20",
+        "/d/llm/v1/m%c3%a9ssages",
     ] {
         let (status, text) = raw(&env.proxy, request(target, "")).await;
         assert_eq!(status, 400, "{target}: {text}");
@@ -681,22 +788,46 @@ async fn hostile_requests_are_refused_before_the_upstream() {
     assert_eq!(status, 413, "{text}");
     assert_eq!(env.upstream_hits(), base);
 
-    // Headers that could carry a key are stripped, and the real key replaces the token.
-    let (status, text) = raw(
-        &env.proxy,
-        request(
-            "/d/llm/v1/messages",
-            "authorization: Bearer sneaky\r\nx-admin-key: adm\r\ncookie: s=1\r\n",
-        ),
-    )
-    .await;
+    // Headers that could carry a key, or make the upstream (or a gateway in front of
+    // it) read another method, path or client, are stripped; the real key replaces the
+    // token.
+    let overrides = [
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-original-url", "/v1/organizations/keys"),
+        ("x-rewrite-url", "/v1/organizations/keys"),
+        ("x-forwarded-for", "10.0.0.1"),
+        ("x-forwarded-host", "admin.internal"),
+        ("x-forwarded-prefix", "/v1/organizations"),
+        ("X-Forwarded-Proto", "https"),
+        ("x-envoy-original-path", "/v1/organizations/keys"),
+        ("forwarded", "for=10.0.0.1;host=admin.internal"),
+    ];
+    let extra: String = overrides
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .chain(["authorization: Bearer sneaky\r\nx-admin-key: adm\r\ncookie: s=1\r\n".into()])
+        .collect();
+    let (status, text) = raw(&env.proxy, request("/d/llm/v1/messages", &extra)).await;
     assert_eq!(status, 200, "{text}");
     let seen = env.up.seen.lock().unwrap();
-    let (_, _, headers) = seen.last().unwrap();
+    let (method, path, headers) = seen.last().unwrap();
+    assert_eq!((method.as_str(), path.as_str()), ("POST", "/v1/messages"));
     let names: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
-    for n in ["authorization", "x-admin-key", "cookie"] {
-        assert!(!names.contains(&n), "{n} forwarded: {names:?}");
+    for n in ["authorization", "x-admin-key", "cookie"]
+        .into_iter()
+        .chain(overrides.iter().map(|(k, _)| *k))
+    {
+        assert!(
+            !names.contains(&n.to_ascii_lowercase().as_str()),
+            "{n} forwarded: {names:?}"
+        );
     }
+    assert!(
+        headers.iter().all(|(_, v)| !v.contains("organizations")),
+        "{headers:?}"
+    );
 }
 
 #[tokio::test]
@@ -734,4 +865,328 @@ async fn a_grant_over_its_rate_gets_429_with_retry_after() {
             .then_some(())
     })
     .await;
+}
+
+/// `lanyard destination put` for `llm` with `settings`, through the CLI.
+async fn put_llm_via_cli(env: &Env, settings: &Value) {
+    let (ok, out, err) = admin_cli(
+        &env.l,
+        &[
+            "destination",
+            "put",
+            "--name",
+            "llm",
+            "--kind",
+            "proxy",
+            "--scope",
+            "llm:read",
+            "--scope",
+            "llm:write",
+            "--scope",
+            "llm:admin",
+            "--default-ttl",
+            "300",
+            "--max-ttl",
+            "600",
+            "--settings-json",
+            &settings.to_string(),
+        ],
+    )
+    .await;
+    assert!(ok, "{out}\n{err}");
+}
+
+#[tokio::test]
+async fn a_key_is_never_sent_where_it_was_not_set_for() {
+    let env = start().await;
+    let (token, _) = env.exchange("agent", "llm", &["llm:write"]).await;
+    let (status, body, _) = env.call("POST", "/v1/messages", &token, "{}").await;
+    assert_eq!(status, 200, "{body}");
+
+    // An admin points the destination at a host they control, keeping the key.
+    let (evil_url, evil) = start_upstream().await;
+    put_llm_via_cli(&env, &settings(&evil_url, 600)).await;
+    let before = env.upstream_hits();
+    let (status, body, headers) = env.call("POST", "/v1/messages", &token, "{}").await;
+    assert_eq!(
+        (status, reason(&body)),
+        (503, "DESTINATION_UNAVAILABLE"),
+        "{body}"
+    );
+    assert_eq!(headers["lanyard-reason"], "DESTINATION_UNAVAILABLE");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("upstream or key header changed since its key was set")
+            && message.contains("lanyard destination secret set"),
+        "{message}"
+    );
+    assert!(evil.seen.lock().unwrap().is_empty(), "nothing sent");
+    assert_eq!(env.upstream_hits(), before);
+
+    // The key's status says so.
+    let shown = admin_cli_json(&env.l, &["destination", "secret", "show", "llm"]).await;
+    assert_eq!(
+        (&shown["secret_set"], &shown["bound"]),
+        (&json!(true), &json!(false)),
+        "{shown}"
+    );
+    let (ok, text, _) = admin_cli(&env.l, &["destination", "secret", "show", "llm"]).await;
+    assert!(
+        ok && text.contains("NO: the destination's upstream"),
+        "{text}"
+    );
+
+    // A changed key header or prefix on the old upstream is refused too.
+    let mut changed = settings(&env.upstream, 600);
+    changed["key_prefix"] = json!("Key ");
+    put_llm_via_cli(&env, &changed).await;
+    let (status, body, _) = env
+        .call("POST", "/v1/messages", &format!("Key {token}"), "{}")
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(env.upstream_hits(), before);
+
+    // Changes that keep where and how the key goes (rules, limits) keep it.
+    let mut same = settings(&env.upstream, 600);
+    same["rules"]["llm:write"][0]["methods"] = json!(["POST", "PUT"]);
+    put_llm_via_cli(&env, &same).await;
+    let (status, body, _) = env.call("POST", "/v1/messages", &token, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    let shown = admin_cli_json(&env.l, &["destination", "secret", "show", "llm"]).await;
+    assert_eq!(shown["bound"], true, "{shown}");
+
+    // Moved again, the key must be set again, which is audited with where it goes.
+    put_llm_via_cli(&env, &settings(&evil_url, 600)).await;
+    let (status, _, _) = env.call("POST", "/v1/messages", &token, "{}").await;
+    assert_eq!(status, 503);
+    assert!(evil.seen.lock().unwrap().is_empty());
+    set_key(&env, "llm", KEY_1).await;
+    let (status, body, _) = env.call("POST", "/v1/messages", &token, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(evil.seen.lock().unwrap().len(), 1);
+    let puts = payloads_of(&env.l, "destination_secret.put").await;
+    let last = puts.last().unwrap();
+    assert_eq!(last["detail"]["upstream_origin"], evil_url, "{last}");
+    assert_eq!(last["detail"]["key_header"], "x-api-key");
+    let shown = admin_cli_json(&env.l, &["destination", "secret", "show", "llm"]).await;
+    assert_eq!(shown["bound"], true, "{shown}");
+
+    // Refused attempts are audited as denied, with the refusal.
+    let events = env.proxy_events(1).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "DESTINATION_UNAVAILABLE" && e["decision"] == "deny"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn answers_never_carry_the_key_cookies_or_cross_origin_redirects() {
+    let env = start().await;
+    let (token, _) = env.exchange("agent", "llm", &["llm:write"]).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get = |path: &str| client.get(env.url(path)).header("x-api-key", &token).send();
+
+    // The key in a response header: the whole answer is refused.
+    let resp = get("/v1/test/leak-header").await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["lanyard-reason"], "KEY_IN_RESPONSE");
+    assert!(resp.headers().get("x-debug").is_none());
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains(KEY_1), "{text}");
+
+    // The key in the body, split across chunks the upstream sends apart: cut before
+    // its last byte, the client sees an aborted answer.
+    let mut resp = get("/v1/test/leak-body").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut got = Vec::new();
+    let first = tokio::time::timeout(patience(), resp.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    got.extend_from_slice(&first);
+    env.up.gate.notify_one();
+    let end = tokio::time::timeout(patience(), async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => got.extend_from_slice(&c),
+                Ok(None) => return "end",
+                Err(_) => return "error",
+            }
+        }
+    })
+    .await
+    .expect("the answer ends");
+    assert_eq!(end, "error", "an aborted body, not a clean end");
+    let got = String::from_utf8_lossy(&got).to_string();
+    assert!(got.starts_with("data: one"), "{got}");
+    assert!(!got.contains(KEY_1) && !got.contains("after"), "{got}");
+
+    // Cookies the upstream sets are not passed on; other headers are.
+    let resp = get("/v1/test/cookie").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("set-cookie").is_none());
+    assert_eq!(resp.headers()["x-ok"], "1");
+
+    // A redirect to another origin loses its Location; a relative one keeps it.
+    let resp = get("/v1/test/redirect-away").await.unwrap();
+    assert_eq!(resp.status(), 302);
+    assert!(resp.headers().get("location").is_none());
+    let resp = get("/v1/test/redirect-here").await.unwrap();
+    assert_eq!(resp.headers()["location"], "/v1/test/elsewhere");
+
+    // Both key refusals are audited.
+    let events = eventually("the key refusals audited", || async {
+        let events = payloads_of(&env.l, "proxy.request").await;
+        let refused = events
+            .iter()
+            .any(|e| e["reason"] == "KEY_IN_RESPONSE" && e["decision"] == "deny");
+        let cut = events
+            .iter()
+            .any(|e| e["detail"]["cut"] == "KEY_IN_RESPONSE");
+        (refused && cut).then_some(events)
+    })
+    .await;
+    assert!(!serde_json::to_string(&events).unwrap().contains(KEY_1));
+    assert!(!env.l.log().contains(KEY_1), "the log holds the key");
+}
+
+#[tokio::test]
+async fn slow_clients_are_dropped_and_grants_have_few_requests_in_flight() {
+    let env = start_with(
+        "header_read_timeout = \"500ms\"\nclient_timeout = \"500ms\"\nmax_in_flight_per_grant = 1\n",
+    )
+    .await;
+    let (token, _) = env.exchange("agent", "llm", &["llm:write"]).await;
+    let addr = env.proxy.strip_prefix("http://").unwrap().to_string();
+
+    // Headers that never end: the connection is closed after header_read_timeout.
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(format!("POST /d/llm/v1/messages HTTP/1.1\r\nhost: {addr}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(patience(), s.read_to_end(&mut out))
+        .await
+        .expect("the connection is closed")
+        .unwrap_or_default();
+    assert!(started.elapsed() < patience());
+
+    // A body that never arrives: 408 after client_timeout, nothing sent upstream.
+    let before = env.upstream_hits();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /d/llm/v1/messages HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {token}\r\ncontent-length: 100\r\n\r\n{{}}"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(patience(), s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(env.upstream_hits(), before);
+
+    // A client that stops reading the answer: cut after client_timeout, its place freed.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /d/llm/v1/test/firehose HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    eventually("the stalled answer cut", || async {
+        payloads_of(&env.l, "proxy.request")
+            .await
+            .into_iter()
+            .find(|e| e["detail"]["cut"] == "CLIENT_STALLED")
+    })
+    .await;
+    drop(s);
+
+    // One request in flight per grant: a second one waits for none, it gets 429.
+    let mut stream = reqwest::Client::new()
+        .post(env.url("/v1/stream"))
+        .header("x-api-key", &token)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let _ = tokio::time::timeout(patience(), stream.chunk())
+        .await
+        .unwrap();
+    let (status, body, _) = env.call("POST", "/v1/messages", &token, "{}").await;
+    assert_eq!((status, reason(&body)), (429, "RATE_LIMITED"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("in flight"),
+        "{body}"
+    );
+    let (other, _) = env.exchange("agent-2", "llm", &["llm:write"]).await;
+    let (status, _, _) = env.call("POST", "/v1/messages", &other, "{}").await;
+    assert_eq!(status, 200, "another grant is not held up");
+    env.up.gate.notify_one();
+    while let Ok(Some(_)) = stream.chunk().await {}
+    eventually("the stream's place released", || async {
+        let (status, _, _) = env.call("POST", "/v1/messages", &token, "{}").await;
+        (status == 200).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_flood_of_unverified_tokens_writes_few_audit_events() {
+    let env = start().await;
+    let flood = 300;
+    let started = Instant::now();
+    let client = reqwest::Client::new();
+    for i in 0..flood {
+        let resp = client
+            .post(env.url("/v1/messages"))
+            .header("x-api-key", format!("garbage-{i}"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+    }
+    let seconds = started.elapsed().as_secs();
+    // Every refusal is counted, in few events.
+    let events = eventually("the flood summed up in the audit", || async {
+        let events: Vec<Value> = payloads_of(&env.l, "proxy.request")
+            .await
+            .into_iter()
+            .filter(|e| e["reason"] == "TOKEN_MALFORMED")
+            .collect();
+        let total: u64 = events
+            .iter()
+            .map(|e| e["detail"]["count"].as_u64().unwrap())
+            .sum();
+        (total == flood).then_some(events)
+    })
+    .await;
+    let bound = 2 * (seconds as usize + 2);
+    assert!(
+        events.len() <= bound,
+        "{} events for {flood} refusals in {seconds} s",
+        events.len()
+    );
+    assert!(events.iter().all(|e| e["decision"] == "deny"));
+    assert!(verify_chain(&env.l).await.ok);
 }

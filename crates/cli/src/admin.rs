@@ -206,6 +206,7 @@ async fn destination_secret(
                 "secret_updated_at": output::ts_json(r.secret_updated_at.as_ref()),
                 "fingerprint": r.fingerprint,
                 "updated_by": r.updated_by,
+                "bound": r.bound,
             })
         },
         || {
@@ -218,6 +219,14 @@ async fn destination_secret(
                 ("updated", output::when(r.secret_updated_at.as_ref(), now())),
                 ("updated by", or_dash(&r.updated_by)),
                 ("fingerprint", or_dash(&r.fingerprint)),
+                (
+                    "bound",
+                    match (r.secret_set, r.bound) {
+                        (false, _) => "-".to_owned(),
+                        (true, true) => "yes (to the destination's current upstream and key header)".to_owned(),
+                        (true, false) => "NO: the destination's upstream or key header changed since its key was set; the proxy does not send it (set the key again with `lanyard destination secret set`)".to_owned(),
+                    },
+                ),
             ])
         },
     )

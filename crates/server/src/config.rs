@@ -83,6 +83,17 @@ pub struct ProxySection {
     /// Longest wait for the upstream's next bytes before the answer is cut.
     #[serde(with = "humantime_serde")]
     pub upstream_timeout: Duration,
+    /// Connections the proxy serves at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A connection whose request headers take longer to arrive is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest wait for a client to send its request body or take the next bytes of an
+    /// answer.
+    #[serde(with = "humantime_serde")]
+    pub client_timeout: Duration,
+    /// Requests in flight at once per grant; more get 429.
+    pub max_in_flight_per_grant: u32,
 }
 
 impl Default for ProxySection {
@@ -92,6 +103,10 @@ impl Default for ProxySection {
             listen: String::new(),
             recheck_interval: d.recheck_interval,
             upstream_timeout: d.upstream_timeout,
+            max_connections: d.max_connections,
+            header_read_timeout: d.header_read_timeout,
+            client_timeout: d.client_timeout,
+            max_in_flight_per_grant: d.max_in_flight_per_grant,
         }
     }
 }
@@ -654,6 +669,34 @@ impl FileConfig {
                 message: "must be between 1s and 1h".into(),
             });
         }
+        if !(1..=1_000_000).contains(&self.proxy.max_connections) {
+            return Err(ConfigError::Invalid {
+                key: "proxy.max_connections",
+                message: "must be between 1 and 1000000".into(),
+            });
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(300))
+            .contains(&self.proxy.header_read_timeout)
+        {
+            return Err(ConfigError::Invalid {
+                key: "proxy.header_read_timeout",
+                message: "must be between 100ms and 5m".into(),
+            });
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600))
+            .contains(&self.proxy.client_timeout)
+        {
+            return Err(ConfigError::Invalid {
+                key: "proxy.client_timeout",
+                message: "must be between 100ms and 1h".into(),
+            });
+        }
+        if !(1..=100_000).contains(&self.proxy.max_in_flight_per_grant) {
+            return Err(ConfigError::Invalid {
+                key: "proxy.max_in_flight_per_grant",
+                message: "must be between 1 and 100000".into(),
+            });
+        }
         if self.limits.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid {
                 key: "limits.max_request_bytes",
@@ -692,6 +735,10 @@ impl FileConfig {
                 listen: proxy_listen,
                 recheck_interval: self.proxy.recheck_interval,
                 upstream_timeout: self.proxy.upstream_timeout,
+                max_connections: self.proxy.max_connections,
+                header_read_timeout: self.proxy.header_read_timeout,
+                client_timeout: self.proxy.client_timeout,
+                max_in_flight_per_grant: self.proxy.max_in_flight_per_grant,
             },
         })
     }
@@ -976,10 +1023,33 @@ mod tests {
                 .to_string()
                 .contains("proxy.listen")
         );
-        let mut bad = f;
+        let mut bad = f.clone();
         bad.proxy.recheck_interval = Duration::from_millis(1);
         let e = bad.validate().unwrap_err().to_string();
         assert!(e.contains("proxy.recheck_interval"), "{e}");
+        let d = f.clone().validate().unwrap().proxy;
+        assert_eq!(d.max_connections, 1024);
+        assert_eq!(d.header_read_timeout, Duration::from_secs(10));
+        for (key, change) in [
+            (
+                "proxy.max_connections",
+                (|c: &mut FileConfig| c.proxy.max_connections = 0) as fn(&mut FileConfig),
+            ),
+            ("proxy.header_read_timeout", |c| {
+                c.proxy.header_read_timeout = Duration::ZERO
+            }),
+            ("proxy.client_timeout", |c| {
+                c.proxy.client_timeout = Duration::from_secs(86_400)
+            }),
+            ("proxy.max_in_flight_per_grant", |c| {
+                c.proxy.max_in_flight_per_grant = 0
+            }),
+        ] {
+            let mut bad = f.clone();
+            change(&mut bad);
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]

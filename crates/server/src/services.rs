@@ -449,6 +449,7 @@ fn secret_status_pb(
             secret_updated_at: convert::ts(s.updated_at),
             fingerprint: s.fingerprint,
             updated_by: s.updated_by,
+            bound: s.bound,
         },
         None => pb::DestinationSecretStatus {
             destination: destination.to_owned(),

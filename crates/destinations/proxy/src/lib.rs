@@ -10,7 +10,9 @@
 //! This crate owns what can be decided without I/O: the settings, issuing the token,
 //! path normalization ([`normalize_path`]), rule matching ([`ProxySettings::allowed`]),
 //! header checks and filtering ([`check_request_headers`], [`take_token`],
-//! [`forward_headers`], [`response_headers`]) and the per-grant [`RateLimiter`].
+//! [`forward_headers`], [`response_headers`]), what a static key is bound to
+//! ([`KeyBinding`]), finding the key in a streamed answer ([`KeyScanner`]) and the
+//! per-grant [`RateLimiter`].
 //!
 //! # Settings
 //! ```json
@@ -91,6 +93,36 @@ pub const HOP_BY_HOP: &[&str] = &[
 ];
 /// Other request headers the proxy sets itself or drops.
 const NOT_FORWARDED: &[&str] = &["host", "content-length", "expect"];
+/// Request headers that let a server, a framework or a gateway in front of the upstream
+/// read another method, path or client than the one lanyard checked: never forwarded
+/// (a deny list, so the SDK's own headers, e.g. `anthropic-version`, pass).
+pub const OVERRIDE_HEADERS: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-original-uri",
+    "x-envoy-original-path",
+    "x-envoy-original-url",
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+];
+/// Prefixes of request header names never forwarded, for the same reason
+/// (`x-forwarded-for`, `-host`, `-proto`, `-prefix`, `-path`, `-uri`...).
+pub const OVERRIDE_HEADER_PREFIXES: &[&str] = &["x-forwarded-", "x-envoy-"];
+/// Response headers never sent back: cookies the upstream sets are the key owner's
+/// session, not the workload's.
+pub const RESPONSE_DROPPED: &[&str] = &["set-cookie", "set-cookie2"];
+
+/// Whether a request header may override the method, path or client the upstream sees.
+pub fn is_override_header(name: &str) -> bool {
+    OVERRIDE_HEADERS.contains(&name) || OVERRIDE_HEADER_PREFIXES.iter().any(|p| name.starts_with(p))
+}
 
 /// Adapter errors are [`DestinationError`]s.
 pub type Result<T, E = DestinationError> = std::result::Result<T, E>;
@@ -164,6 +196,8 @@ pub struct ProxyConfig {
     pub upstream_base: String,
     /// `key_header`, parsed.
     pub key_header: HeaderName,
+    /// The origin of `upstream_url` (`scheme://host[:port]`): where the key goes.
+    pub upstream_origin: String,
     rules: BTreeMap<String, Vec<CompiledRule>>,
     strip: Vec<HeaderName>,
 }
@@ -282,6 +316,7 @@ impl ProxyConfig {
         }
         Ok(Self {
             upstream_base: s.upstream_url.trim_end_matches('/').to_owned(),
+            upstream_origin: url.origin().ascii_serialization(),
             key_header,
             rules,
             strip,
@@ -319,6 +354,51 @@ impl ProxyConfig {
     /// The header value that carries `key` upstream: `key_prefix` + key.
     pub fn key_value(&self, key: &str) -> String {
         format!("{}{key}", self.settings.key_prefix)
+    }
+
+    /// What the destination's key is bound to: it is sent only while these settings
+    /// stay as they were when it was set.
+    pub fn binding(&self) -> KeyBinding {
+        KeyBinding {
+            kind: KIND.to_owned(),
+            upstream_origin: self.upstream_origin.clone(),
+            key_header: self.settings.key_header.clone(),
+            key_prefix: self.settings.key_prefix.clone(),
+        }
+    }
+}
+
+/// The settings a destination's static key is bound to when it is set: where it goes
+/// and how. An admin who changes any of them (e.g. points `upstream_url` at a host they
+/// control) must set the key again, which is audited, before the proxy sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyBinding {
+    /// The destination's kind (`proxy`).
+    pub kind: String,
+    /// The origin of `upstream_url`.
+    pub upstream_origin: String,
+    /// `key_header`.
+    pub key_header: String,
+    /// `key_prefix`.
+    pub key_prefix: String,
+}
+
+impl KeyBinding {
+    /// The associated data a key is sealed with: the destination's name and this
+    /// binding, unambiguously encoded. A sealed key moved to another destination, or
+    /// opened for changed settings, does not open.
+    pub fn aad(&self, destination: &str) -> Vec<u8> {
+        json!([
+            "lanyard-destination-secret/v2",
+            destination,
+            self.kind,
+            self.upstream_origin,
+            self.key_header,
+            self.key_prefix
+        ])
+        .to_string()
+        .into_bytes()
     }
 }
 
@@ -436,6 +516,10 @@ pub enum PathError {
     /// An encoded `/`, `\`, `%` or control character, a raw `\` or `;`, or a bad escape.
     #[error("the path has an encoded separator, a backslash, a semicolon or a bad escape")]
     Forbidden,
+    /// A segment that decodes to non-ASCII, or ends in `.` or a space (which some
+    /// servers strip, e.g. `messages.` read as `messages`).
+    #[error("the path has a non-ASCII character or a segment ending in . or a space")]
+    Ambiguous,
 }
 
 /// A request path that passed [`normalize_path`]: the raw text to forward and its
@@ -454,7 +538,8 @@ pub struct NormalizedPath {
 ///
 /// Refused: no leading `/`; `//`; `.` or `..` segments, also when percent-encoded
 /// (`%2e%2e`); encoded `/` (`%2f`), `\` (`%5c`), `%` (`%25`, double encoding) or
-/// control characters; a raw `\` or `;`; a `%` not followed by two hex digits.
+/// control characters; a raw `\` or `;`; a `%` not followed by two hex digits; a
+/// segment that decodes to non-ASCII or ends in `.` or a space.
 ///
 /// # Errors
 /// [`PathError`].
@@ -481,6 +566,9 @@ pub fn normalize_path(raw: &str) -> Result<NormalizedPath, PathError> {
         let decoded = decode_segment(part)?;
         if decoded == "." || decoded == ".." {
             return Err(PathError::DotSegment);
+        }
+        if !decoded.is_ascii() || decoded.ends_with('.') || decoded.ends_with(' ') {
+            return Err(PathError::Ambiguous);
         }
         segments.push(decoded);
     }
@@ -719,7 +807,8 @@ pub fn take_token<'h>(
 
 /// The request headers to forward: everything but hop-by-hop headers, headers the
 /// `Connection` header names, every header that could carry a key (the key header,
-/// [`CREDENTIAL_HEADERS`], `strip_headers`), `Host`, `Content-Length` and `Expect`.
+/// [`CREDENTIAL_HEADERS`], `strip_headers`), headers that could override the method,
+/// path or client ([`is_override_header`]), `Host`, `Content-Length` and `Expect`.
 /// The caller then adds the real key.
 pub fn forward_headers(headers: &HeaderMap, config: &ProxyConfig) -> HeaderMap {
     let named = connection_tokens(headers);
@@ -731,6 +820,7 @@ pub fn forward_headers(headers: &HeaderMap, config: &ProxyConfig) -> HeaderMap {
             || NOT_FORWARDED.contains(&n)
             || *name == config.key_header
             || config.strip.contains(name)
+            || is_override_header(n)
             || named.iter().any(|t| t == n);
         if !drop {
             out.append(name.clone(), value.clone());
@@ -739,18 +829,106 @@ pub fn forward_headers(headers: &HeaderMap, config: &ProxyConfig) -> HeaderMap {
     out
 }
 
+/// Why an upstream's answer is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseError {
+    /// A response header carries the destination's key.
+    #[error("the upstream's answer carries the destination's key in a header")]
+    KeyInHeader,
+}
+
 /// The response headers to send back: the upstream's, without hop-by-hop headers and
-/// those its `Connection` header names.
-pub fn response_headers(headers: &HeaderMap) -> HeaderMap {
+/// those its `Connection` header names, without `Set-Cookie`, and without a `Location`
+/// or `Content-Location` pointing at another origin than the upstream's (a relative one,
+/// or one on the upstream's origin, passes).
+///
+/// # Errors
+/// [`ResponseError::KeyInHeader`] when any header value contains `key`: the answer is
+/// refused whole.
+pub fn response_headers(
+    headers: &HeaderMap,
+    config: &ProxyConfig,
+    key: &[u8],
+) -> Result<HeaderMap, ResponseError> {
+    let finder = memchr::memmem::Finder::new(key);
     let named = connection_tokens(headers);
     let mut out = HeaderMap::new();
     for (name, value) in headers {
+        if !key.is_empty() && finder.find(value.as_bytes()).is_some() {
+            return Err(ResponseError::KeyInHeader);
+        }
         let n = name.as_str();
-        if !(HOP_BY_HOP.contains(&n) || named.iter().any(|t| t == n)) {
+        let drop = HOP_BY_HOP.contains(&n)
+            || RESPONSE_DROPPED.contains(&n)
+            || named.iter().any(|t| t == n)
+            || ((n == "location" || n == "content-location")
+                && !same_origin_or_relative(value.as_bytes(), &config.upstream_origin));
+        if !drop {
             out.append(name.clone(), value.clone());
         }
     }
-    out
+    Ok(out)
+}
+
+/// Whether a `Location` value is relative, or absolute on `origin`.
+fn same_origin_or_relative(value: &[u8], origin: &str) -> bool {
+    let Ok(text) = std::str::from_utf8(value) else {
+        return false;
+    };
+    let text = text.trim();
+    // Scheme-relative (`//host/...`) and backslash tricks are other origins.
+    if text.starts_with("//") || text.contains('\\') {
+        return false;
+    }
+    match url::Url::parse(text) {
+        Ok(u) => u.origin().ascii_serialization() == origin,
+        Err(url::ParseError::RelativeUrlWithoutBase) => true,
+        Err(_) => false,
+    }
+}
+
+/// Finds the destination's key in a streamed answer, across chunk boundaries: it keeps
+/// the last `key.len() - 1` bytes seen, so a key split over chunks is found too.
+#[derive(Debug)]
+pub struct KeyScanner {
+    finder: memchr::memmem::Finder<'static>,
+    tail: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl KeyScanner {
+    /// A scanner for `key` (not empty).
+    pub fn new(key: &[u8]) -> Self {
+        Self {
+            finder: memchr::memmem::Finder::new(key).into_owned(),
+            tail: Vec::with_capacity(key.len()),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Whether the key appears in the bytes seen so far, this chunk included.
+    pub fn found_in(&mut self, chunk: &[u8]) -> bool {
+        let keep = self.finder.needle().len().saturating_sub(1);
+        if keep == 0 {
+            return self.finder.find(chunk).is_some();
+        }
+        // Across the boundary: the kept tail and the chunk's first bytes.
+        self.buf.clear();
+        self.buf.extend_from_slice(&self.tail);
+        self.buf.extend_from_slice(&chunk[..chunk.len().min(keep)]);
+        if self.finder.find(&self.buf).is_some() || self.finder.find(chunk).is_some() {
+            return true;
+        }
+        if chunk.len() >= keep {
+            self.tail.clear();
+            self.tail.extend_from_slice(&chunk[chunk.len() - keep..]);
+        } else {
+            let drop = (self.tail.len() + chunk.len()).saturating_sub(keep);
+            self.tail.drain(..drop);
+            self.tail.extend_from_slice(chunk);
+        }
+        false
+    }
 }
 
 // === rate limit ===

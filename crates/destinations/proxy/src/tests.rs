@@ -177,6 +177,12 @@ fn path_normalization_refuses_anything_an_upstream_could_read_differently() {
         ("/v1/%", PathError::Forbidden),
         ("/v1/%ff", PathError::Forbidden),
         ("/v1/a b", PathError::Forbidden),
+        ("/v1/messages.", PathError::Ambiguous),
+        ("/v1/messages%2e", PathError::Ambiguous),
+        ("/v1/messages%20", PathError::Ambiguous),
+        ("/v1/messages%20/x", PathError::Ambiguous),
+        ("/v1/m%c3%a9ssages", PathError::Ambiguous),
+        ("/v1/%e2%80%8bmessages", PathError::Ambiguous),
     ] {
         assert_eq!(normalize_path(bad), Err(want), "{bad:?}");
     }
@@ -358,19 +364,127 @@ fn forwarded_headers_carry_no_key_and_no_hop_by_hop() {
         ("content-type", "application/json"),
         ("anthropic-version", "2023-06-01"),
         ("accept", "text/event-stream"),
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-original-url", "/v1/organizations/keys"),
+        ("x-rewrite-url", "/v1/organizations/keys"),
+        ("x-forwarded-for", "10.0.0.1"),
+        ("x-forwarded-host", "admin.internal"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-envoy-original-path", "/v1/organizations/keys"),
+        ("forwarded", "for=10.0.0.1;host=admin.internal"),
     ]);
     let out = forward_headers(&h, &c);
     let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
     assert_eq!(names, ["content-type", "anthropic-version", "accept"]);
-    let resp = response_headers(&headers(&[
-        ("content-type", "text/event-stream"),
-        ("connection", "x-up-hop"),
-        ("x-up-hop", "1"),
-        ("transfer-encoding", "chunked"),
-        ("request-id", "r1"),
-    ]));
+    let resp = response_headers(
+        &headers(&[
+            ("content-type", "text/event-stream"),
+            ("connection", "x-up-hop"),
+            ("x-up-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("request-id", "r1"),
+            ("set-cookie", "session=abc"),
+        ]),
+        &c,
+        b"sk-real",
+    )
+    .unwrap();
     let names: Vec<&str> = resp.keys().map(HeaderName::as_str).collect();
     assert_eq!(names, ["content-type", "request-id"]);
+}
+
+#[test]
+fn answers_with_the_key_or_a_cross_origin_location_are_refused_or_filtered() {
+    let c = config();
+    for (name, value) in [
+        ("x-debug", "key=sk-real-123"),
+        ("location", "https://evil.example/?k=sk-real-123"),
+    ] {
+        assert_eq!(
+            response_headers(&headers(&[(name, value)]), &c, b"sk-real-123"),
+            Err(ResponseError::KeyInHeader),
+            "{name}"
+        );
+    }
+    let location = |v: &str| {
+        response_headers(&headers(&[("location", v)]), &c, b"sk-real-123")
+            .unwrap()
+            .get("location")
+            .is_some()
+    };
+    assert!(location("/v1/messages/1"), "relative");
+    assert!(location("v1/messages/1"), "relative");
+    assert!(location("https://api.example.com/base/v1/x"), "same origin");
+    assert!(
+        location("https://API.example.com:443/x"),
+        "same origin, spelled otherwise"
+    );
+    for other in [
+        "https://evil.example/x",
+        "http://api.example.com/x",
+        "https://api.example.com:8443/x",
+        "//evil.example/x",
+        "/\\evil.example/x",
+        "https://api.example.com.evil.example/x",
+    ] {
+        assert!(!location(other), "{other}");
+    }
+}
+
+#[test]
+fn the_key_is_found_in_a_stream_whatever_the_chunks() {
+    let key = b"sk-static-0123456789";
+    let body: Vec<u8> = [&b"data: {\"text\": \""[..], key, b"\"}\n\n"].concat();
+    for size in 1..=body.len() {
+        let mut scan = KeyScanner::new(key);
+        let found = body.chunks(size).any(|c| scan.found_in(c));
+        assert!(found, "chunks of {size}");
+    }
+    // Almost the key, in pieces, is not the key.
+    let mut scan = KeyScanner::new(key);
+    for c in [
+        &b"sk-static-"[..],
+        b"012345678",
+        b"X",
+        b"sk-static-0123456789"[..19].as_ref(),
+    ] {
+        assert!(!scan.found_in(c));
+    }
+    assert!(scan.found_in(b"9"), "completed by the last byte");
+}
+
+#[test]
+fn a_key_is_bound_to_where_and_how_it_is_sent() {
+    let c = config();
+    let b = c.binding();
+    assert_eq!(b.upstream_origin, "https://api.example.com");
+    assert_eq!(b.key_header, "x-api-key");
+    let mut moved = settings();
+    moved["upstream_url"] = json!("https://api.example.com/other-base");
+    assert_eq!(
+        ProxyConfig::from_value(&moved, &scopes())
+            .unwrap()
+            .binding(),
+        b,
+        "a base path on the same origin keeps the binding"
+    );
+    for (key, value) in [
+        ("upstream_url", json!("https://attacker.example")),
+        ("upstream_url", json!("https://api.example.com:8443")),
+        ("key_header", json!("authorization")),
+        ("key_prefix", json!("Bearer ")),
+    ] {
+        let mut changed = settings();
+        changed[key] = value.clone();
+        let other = ProxyConfig::from_value(&changed, &scopes())
+            .unwrap()
+            .binding();
+        assert_ne!(other, b, "{key} = {value}");
+        assert_ne!(other.aad("llm"), b.aad("llm"), "{key} = {value}");
+    }
+    assert_ne!(b.aad("llm"), b.aad("llm2"), "bound to the name");
 }
 
 #[test]

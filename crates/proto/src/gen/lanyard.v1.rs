@@ -1109,6 +1109,12 @@ pub struct DestinationSecretStatus {
     /// Who set it (the operator identity).
     #[prost(string, tag = "5")]
     pub updated_by: ::prost::alloc::string::String,
+    /// Whether the key is bound to the destination's current settings: it was set for the
+    /// same kind, upstream_url origin, key_header and key_prefix. When false (the
+    /// destination was changed since), the proxy refuses to send it until it is set again.
+    /// False when none is set.
+    #[prost(bool, tag = "6")]
+    pub bound: bool,
 }
 /// One issued credential, as recorded (never the credential itself).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
