@@ -307,18 +307,23 @@ impl AdminSvc {
             })
     }
 
+    /// The stored configuration object, or `NOT_FOUND` naming it as a `what`.
+    async fn stored(
+        &self,
+        kind: ConfigKind,
+        what: &str,
+        name: &str,
+    ) -> Result<lanyard_store::ConfigObject, ApiError> {
+        self.rt.store.config_get(kind, name).await?.ok_or_else(|| {
+            ApiError::new(
+                ReasonCode::NotFound,
+                format!("no {what} named {:?}", truncate(name)),
+            )
+        })
+    }
+
     async fn issuer_out(&self, name: &str) -> Result<pb::Issuer, ApiError> {
-        let obj = self
-            .rt
-            .store
-            .config_get(ConfigKind::Issuer, name)
-            .await?
-            .ok_or_else(|| {
-                ApiError::new(
-                    ReasonCode::NotFound,
-                    format!("no issuer named {:?}", truncate(name)),
-                )
-            })?;
+        let obj = self.stored(ConfigKind::Issuer, "issuer", name).await?;
         let cfg: lanyard_trust::IssuerConfig =
             serde_json::from_value(obj.spec).map_err(|e| ApiError::internal(&e))?;
         let mut out = convert::issuer_to_pb(&cfg, obj.revision);
@@ -952,18 +957,7 @@ impl AdminService for AdminSvc {
         let ctx = ctx_of(&req);
         let r = req.into_inner();
         let result = async {
-            if self
-                .rt
-                .store
-                .config_get(ConfigKind::Issuer, &r.name)
-                .await?
-                .is_none()
-            {
-                return Err(ApiError::new(
-                    ReasonCode::NotFound,
-                    format!("no issuer named {:?}", truncate(&r.name)),
-                ));
-            }
+            self.stored(ConfigKind::Issuer, "issuer", &r.name).await?;
             self.start_revocation(
                 &ctx,
                 lanyard_store::RevokeSelector::Issuer(r.name),
@@ -985,18 +979,8 @@ impl AdminService for AdminSvc {
         let ctx = ctx_of(&req);
         let r = req.into_inner();
         let result = async {
-            if self
-                .rt
-                .store
-                .config_get(ConfigKind::Destination, &r.name)
-                .await?
-                .is_none()
-            {
-                return Err(ApiError::new(
-                    ReasonCode::NotFound,
-                    format!("no destination named {:?}", truncate(&r.name)),
-                ));
-            }
+            self.stored(ConfigKind::Destination, "destination", &r.name)
+                .await?;
             // lanyard's side first, in one transaction: the deny entry and the job.
             let mut stream = self
                 .start_revocation(
