@@ -1023,10 +1023,11 @@ pub struct Destination {
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
     /// Adapter kind: "jwt" (lanyard-minted JWT for an internal API), "postgres" (dynamic
-    /// database login roles; docs/destinations/postgres.md) or "claude" (Claude API tokens
-    /// through Workload Identity Federation; docs/destinations/claude.md) or "openai"
-    /// (docs/destinations/openai.md), "aws-sts", "gcp-sts", "azure", "oauth2", or "proxy"
-    /// (a static-key API behind lanyard's proxy listener; docs/proxy.md).
+    /// database login roles), "claude" and "openai" (API tokens through workload identity
+    /// federation), "aws-sts" (temporary AWS credentials), "gcp-sts" (Google access
+    /// tokens), "azure" (Entra tokens), "oauth2" (any RFC 8693 / RFC 7523 authorization
+    /// server), each documented under docs/destinations/, or "proxy" (a static-key
+    /// API behind lanyard's proxy listener; docs/proxy.md).
     #[prost(string, tag = "2")]
     pub kind: ::prost::alloc::string::String,
     /// TTL when the request names none, seconds (default 900).
