@@ -275,17 +275,16 @@ fn fields(h: &Held) -> Vec<(&'static str, String, bool)> {
     out
 }
 
-/// Percent-encode everything but unreserved characters (RFC 3986 §2.3).
+/// Everything but RFC 3986 §2.3 unreserved characters.
+const NOT_UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Percent-encode a URL component (user, password, database name).
 fn form_component(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, NOT_UNRESERVED).to_string()
 }
 
 /// Write `text` to `dir/name` atomically: a new file (mode 0600, created exclusively

@@ -131,6 +131,21 @@ pub fn check_text(kind: &str, field: &str, v: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
+/// The first scope `spec` offers that `map` (lanyard scope -> what it stands for at the
+/// destination) has no entry for, if the map is in use at all (not empty).
+pub fn first_unmapped_scope<'a, V>(
+    spec: &'a DestinationSpec,
+    map: &std::collections::BTreeMap<String, V>,
+) -> Option<&'a str> {
+    if map.is_empty() {
+        return None;
+    }
+    spec.scopes
+        .iter()
+        .find(|s| !map.contains_key(s.as_str()))
+        .map(String::as_str)
+}
+
 /// Check a word: not empty, at most `max` bytes, no whitespace or control characters.
 ///
 /// # Errors

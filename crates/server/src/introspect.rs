@@ -195,8 +195,9 @@ async fn check(
     }
     // A grant issued by a replica that had not yet seen a deny entry stays active until
     // the straggler sweep revokes it; it is refused here already.
-    if rt.deny_check(&grant.workload_id, &grant.issuer).is_some()
-        || rt.destination_check(&grant.destination).is_some()
+    if rt
+        .grant_deny_check(&grant.workload_id, &grant.issuer, &grant.destination)
+        .is_some()
     {
         return Ok(Err(Inactive::GrantNotActive));
     }

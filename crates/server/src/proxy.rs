@@ -669,8 +669,7 @@ fn grant_refusal(rt: &Runtime, grant: &GrantRecord, now: i64) -> Option<Refusal>
             ));
         }
     }
-    rt.deny_check(&grant.workload_id, &grant.issuer)
-        .or_else(|| rt.destination_check(&grant.destination))
+    rt.grant_deny_check(&grant.workload_id, &grant.issuer, &grant.destination)
         .map(Refusal::from)
 }
 

@@ -394,13 +394,24 @@ impl Runtime {
             .find_map(|d| d.refuses(workload, issuer, now))
     }
 
-    /// The refusal if an operator disabled `destination`, if any.
-    pub fn destination_check(&self, destination: &str) -> Option<ApiError> {
+    /// As [`Runtime::deny_check`], and also the refusal if an operator disabled
+    /// `destination` (its kill switch); one snapshot, workload and issuer entries first.
+    pub fn grant_deny_check(
+        &self,
+        workload: &str,
+        issuer: &str,
+        destination: &str,
+    ) -> Option<ApiError> {
         let now = self.clock.now_unix();
-        self.snapshot()
-            .deny
+        let snap = self.snapshot();
+        snap.deny
             .iter()
-            .find_map(|d| d.refuses_destination(destination, now))
+            .find_map(|d| d.refuses(workload, issuer, now))
+            .or_else(|| {
+                snap.deny
+                    .iter()
+                    .find_map(|d| d.refuses_destination(destination, now))
+            })
     }
 
     /// Lift a deny entry.

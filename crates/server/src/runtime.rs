@@ -489,9 +489,8 @@ impl Runtime {
         ev.workload_id = Some(workload.id.to_string());
         ev.issuer = Some(workload.issuer.clone());
         ev.task_id = workload.task.as_ref().map(|t| t.to_string());
-        if let Some(e) = self
-            .deny_check(workload.id.as_str(), &workload.issuer)
-            .or_else(|| self.destination_check(&input.destination))
+        if let Some(e) =
+            self.grant_deny_check(workload.id.as_str(), &workload.issuer, &input.destination)
         {
             return Err(self.deny(ev, e).await);
         }
@@ -670,9 +669,8 @@ impl Runtime {
         }
         // A deny entry written while this exchange was in flight (after the check above,
         // before the commit) did not see this grant: revoke it now and hand nothing out.
-        if let Some(e) = self
-            .deny_check(workload.id.as_str(), &workload.issuer)
-            .or_else(|| self.destination_check(&dest.spec.name))
+        if let Some(e) =
+            self.grant_deny_check(workload.id.as_str(), &workload.issuer, &dest.spec.name)
         {
             let input = crate::revoke::RevokeInput {
                 selector: lanyard_store::RevokeSelector::Grant(grant_id.to_string()),
@@ -815,9 +813,8 @@ impl Runtime {
         if grant.status == GrantStatus::Revoked {
             return Err(self.deny(ev, revoked_error()).await);
         }
-        if let Some(e) = self
-            .deny_check(workload.id.as_str(), &workload.issuer)
-            .or_else(|| self.destination_check(&grant.destination))
+        if let Some(e) =
+            self.grant_deny_check(workload.id.as_str(), &workload.issuer, &grant.destination)
         {
             return Err(self.deny(ev, e).await);
         }

@@ -491,7 +491,7 @@ mod tests {
       <AssumedRoleId>AROACLKWSDQRAOEXAMPLE:lanyard-grt_1</AssumedRoleId>
     </AssumedRoleUser>
     <Credentials>
-      <SessionToken>AQoDYXdzEE0a8ANXXXXXXXXNO1ewxE5TijQyp+IEXAMPLE</SessionToken>
+      <SessionToken>AQoDYXdzEE0a8ANlanyardTestSessionNO1ewxE5TijQyp+IEXAMPLE</SessionToken>
       <SecretAccessKey>wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY</SecretAccessKey>
       <Expiration>2026-11-24T05:00:00Z</Expiration>
       <AccessKeyId>ASgeIAIOSFODNN7EXAMPLE</AccessKeyId>
@@ -512,7 +512,7 @@ mod tests {
         );
         assert_eq!(
             c.session_token.expose(),
-            "AQoDYXdzEE0a8ANXXXXXXXXNO1ewxE5TijQyp+IEXAMPLE"
+            "AQoDYXdzEE0a8ANlanyardTestSessionNO1ewxE5TijQyp+IEXAMPLE"
         );
         assert_eq!(c.expiration, parse_time("2026-11-24T05:00:00Z").unwrap());
         assert_eq!(iso(c.expiration), "2026-11-24T05:00:00Z");
@@ -541,7 +541,7 @@ mod tests {
             ),
             (
                 &OK.replace(
-                    "<SessionToken>AQoDYXdzEE0a8ANXXXXXXXXNO1ewxE5TijQyp+IEXAMPLE</SessionToken>",
+                    "<SessionToken>AQoDYXdzEE0a8ANlanyardTestSessionNO1ewxE5TijQyp+IEXAMPLE</SessionToken>",
                     "",
                 ),
                 "no SessionToken",

@@ -409,12 +409,7 @@ impl AzureDestination {
     pub fn new(spec: &DestinationSpec, minter: Arc<dyn TokenMinter>) -> Result<Self> {
         settings::check_spec(KIND, spec)?;
         let settings = AzureSettings::from_value(&spec.settings)?;
-        if !settings.resource_by_scope.is_empty()
-            && let Some(s) = spec
-                .scopes
-                .iter()
-                .find(|s| !settings.resource_by_scope.contains_key(s.as_str()))
-        {
+        if let Some(s) = settings::first_unmapped_scope(spec, &settings.resource_by_scope) {
             return Err(bad(format!(
                 "scope {:?} is offered but has no resource in settings.resource_by_scope",
                 short(s)

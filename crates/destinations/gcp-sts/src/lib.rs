@@ -540,12 +540,7 @@ impl GcpStsDestination {
     pub fn new(spec: &DestinationSpec, minter: Arc<dyn TokenMinter>) -> Result<Self> {
         settings::check_spec(KIND, spec)?;
         let settings = GcpStsSettings::from_value(&spec.settings)?;
-        if !settings.oauth_scopes_by_scope.is_empty()
-            && let Some(s) = spec
-                .scopes
-                .iter()
-                .find(|s| !settings.oauth_scopes_by_scope.contains_key(s.as_str()))
-        {
+        if let Some(s) = settings::first_unmapped_scope(spec, &settings.oauth_scopes_by_scope) {
             return Err(bad(format!(
                 "scope {:?} is offered but has no OAuth scopes in settings.oauth_scopes_by_scope",
                 short(s)

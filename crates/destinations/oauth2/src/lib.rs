@@ -574,14 +574,6 @@ impl OAuth2Destination {
             ("token_type_hint", "access_token"),
         ];
         pairs.extend(auth.iter().map(|(k, v)| (*k, v.expose())));
-        let transport = |e: reqwest::Error| DestinationError::Upstream {
-            message: if e.is_timeout() {
-                format!("revocation request to {host} timed out")
-            } else {
-                format!("revocation request to {host} failed")
-            },
-            retryable: true,
-        };
         let mut resp = self
             .client
             .post(url.clone())
@@ -589,16 +581,12 @@ impl OAuth2Destination {
             .form(&pairs)
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(|e| http::transport_error(&host, &e))?;
         let status = resp.status();
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > MAX_REVOKE_RESPONSE {
-                body.clear();
-                break;
-            }
-            body.extend_from_slice(&chunk);
-        }
+        // An over-long answer is judged by its status alone.
+        let body = http::read_capped(&mut resp, &host, MAX_REVOKE_RESPONSE)
+            .await?
+            .unwrap_or_default();
         if status == StatusCode::OK {
             return Ok(RevokeCall::Revoked(host));
         }
