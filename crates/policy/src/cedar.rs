@@ -42,19 +42,26 @@
 //! reported in [`Decision::errors`]. [`Decision::max_ttl_secs`] is the smallest
 //! `@max_ttl_secs` among the permits that allowed the request.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use cedar_policy::{
-    ActionConstraint, Context, Decision as CedarDecision, Effect, Entities, Entity, EntityId,
-    EntityTypeName, EntityUid, PolicyId, PolicySet, Request, ResourceConstraint,
-    RestrictedExpression, Schema, SchemaFragment, ValidationMode, ValidationWarning, Validator,
+    ActionConstraint, Decision as CedarDecision, Effect, EntityId, EntityTypeName, EntityUid,
+    PolicyId, PolicySet, ResourceConstraint, Schema, SchemaFragment, ValidationMode,
+    ValidationWarning, Validator,
 };
+// The public-API builder, kept as the reference the hot path is tested against.
+#[cfg(test)]
+use cedar_policy::{Context, Entities, Entity, Request, RestrictedExpression};
+use cedar_policy_core::ast as core;
+use cedar_policy_core::entities::{Entities as CoreEntities, NoEntitiesSchema, TCComputation};
+use cedar_policy_core::extensions::Extensions;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use smol_str::SmolStr;
 
 use crate::{Action, Authorizer, Decision, DecisionRequest, PolicyError, Result};
 
@@ -193,6 +200,7 @@ impl Shape {
     }
 
     /// `v` as a value of this shape, or `None` if it does not fit.
+    #[cfg(test)]
     fn project(&self, v: &Value) -> Option<RestrictedExpression> {
         match (self, v) {
             (Shape::String, Value::String(s)) => Some(string(s)),
@@ -211,9 +219,47 @@ impl Shape {
     }
 }
 
+impl Shape {
+    /// As [`Shape::project`], straight to the evaluated value the hot path hands Cedar.
+    fn project_value(&self, v: &Value) -> Option<core::Value> {
+        match (self, v) {
+            (Shape::String, Value::String(s)) => Some(core::Value::from(s.as_str())),
+            (Shape::Long, Value::Number(n)) => n.as_i64().map(core::Value::from),
+            (Shape::Bool, Value::Bool(b)) => Some(core::Value::from(*b)),
+            (Shape::Set(elem), Value::Array(items)) => Some(core::Value::set(
+                items.iter().filter_map(|item| elem.project_value(item)),
+                None,
+            )),
+            (Shape::Set(elem), one) => elem.project_value(one).map(|e| core::Value::set([e], None)),
+            (Shape::Record(rec), Value::Object(map)) => rec.project_value(map),
+            _ => None,
+        }
+    }
+}
+
 impl RecordShape {
+    /// As [`RecordShape::project`], straight to the evaluated value.
+    fn project_value(&self, map: &Map<String, Value>) -> Option<core::Value> {
+        let mut out = BTreeMap::new();
+        let mut required = 0;
+        for (k, v) in map {
+            let Some((shape, req)) = self.fields.get(k) else {
+                continue;
+            };
+            if let Some(e) = shape.project_value(v) {
+                required += usize::from(*req);
+                out.insert(SmolStr::from(k.as_str()), e);
+            }
+        }
+        if required < self.required {
+            return None;
+        }
+        Some(core::Value::record_arc(Arc::new(out), None))
+    }
+
     /// The declared fields of `map` that fit; `None` if a required field is missing or
     /// does not fit.
+    #[cfg(test)]
     fn project(&self, map: &Map<String, Value>) -> Option<RestrictedExpression> {
         let mut out = Vec::with_capacity(map.len().min(self.fields.len()));
         let mut required = 0;
@@ -426,8 +472,123 @@ impl CedarAuthorizer {
         EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
     }
 
-    /// The Cedar request and entities for `req`. With `schema`, Cedar checks both against
-    /// it (tests do; the hot path does not, since the shapes are built to conform).
+    /// The Cedar request and entities for `req`, built as evaluated values (the hot
+    /// path). Cedar's public constructors take expressions and evaluate them, then
+    /// compute the transitive closure of the entity hierarchy; here the values are
+    /// made directly and there is no hierarchy (neither entity has parents), so both
+    /// steps are skipped. [`CedarAuthorizer::build`] is the same through the public
+    /// API, with schema validation; the tests hold the two equal.
+    fn build_core(
+        &self,
+        req: &DecisionRequest<'_>,
+    ) -> std::result::Result<(core::Request, CoreEntities), String> {
+        fn s(v: &str) -> core::PartialValue {
+            core::PartialValue::from(v)
+        }
+        fn long(v: i64) -> core::Value {
+            core::Value::from(v)
+        }
+        let principal: core::EntityUID = self.uid(&self.workload_type, req.workload_id).into();
+        let action: core::EntityUID = self.uid(&self.action_type, req.action.as_str()).into();
+        let resource: core::EntityUID = self.uid(&self.destination_type, req.destination).into();
+
+        let claims = model()
+            .claims
+            .project_value(req.claims)
+            .ok_or("building the principal's claims")?;
+        let tags = req.claims.iter().filter_map(|(k, v)| {
+            let tag = match v {
+                Value::String(s) => SmolStr::from(s.as_str()),
+                Value::Bool(b) => SmolStr::from(if *b { "true" } else { "false" }),
+                Value::Number(n) => SmolStr::from(n.to_string()),
+                _ => return None,
+            };
+            Some((SmolStr::from(k.as_str()), core::PartialValue::from(tag)))
+        });
+        let workload = core::Entity::new_with_attr_partial_value(
+            principal.clone(),
+            [
+                (SmolStr::new_static("id"), s(req.workload_id)),
+                (SmolStr::new_static("issuer"), s(req.issuer)),
+                (SmolStr::new_static("claims"), claims.into()),
+            ],
+            HashSet::new(),
+            HashSet::new(),
+            tags,
+        );
+        let destination = core::Entity::new_with_attr_partial_value(
+            resource.clone(),
+            [
+                (SmolStr::new_static("name"), s(req.destination)),
+                (SmolStr::new_static("kind"), s(req.destination_kind)),
+            ],
+            HashSet::new(),
+            HashSet::new(),
+            req.destination_labels
+                .iter()
+                .map(|(k, v)| (SmolStr::from(k.as_str()), s(v))),
+        );
+        let strings = |items: &[String]| {
+            core::Value::set(items.iter().map(|i| core::Value::from(i.as_str())), None)
+        };
+        let context = BTreeMap::from([
+            (SmolStr::new_static("scopes"), strings(req.scopes)),
+            (
+                SmolStr::new_static("ttl_secs"),
+                long(i64::try_from(req.ttl_secs).unwrap_or(i64::MAX)),
+            ),
+            (
+                SmolStr::new_static("task_id"),
+                core::Value::from(req.task_id.unwrap_or("")),
+            ),
+            (SmolStr::new_static("now"), long(req.now)),
+            (SmolStr::new_static("now_hour_utc"), long(hour_utc(req.now))),
+            (
+                SmolStr::new_static("now_weekday_utc"),
+                long(weekday_utc(req.now)),
+            ),
+            (SmolStr::new_static("issuer"), core::Value::from(req.issuer)),
+            (
+                SmolStr::new_static("token_source"),
+                core::Value::from(req.issuer),
+            ),
+            (
+                SmolStr::new_static("delegation_depth"),
+                long(i64::try_from(req.delegation.len()).unwrap_or(i64::MAX)),
+            ),
+            (
+                SmolStr::new_static("delegation_chain"),
+                strings(req.delegation),
+            ),
+            (
+                SmolStr::new_static("actor"),
+                core::Value::from(req.delegation.first().map_or("", String::as_str)),
+            ),
+            (
+                SmolStr::new_static("subject"),
+                core::Value::from(req.subject),
+            ),
+        ]);
+        let request = core::Request::new_unchecked(
+            core::EntityUIDEntry::known(principal, None),
+            core::EntityUIDEntry::known(action, None),
+            core::EntityUIDEntry::known(resource, None),
+            Some(core::Context::Value(Arc::new(context))),
+        );
+        let entities = CoreEntities::from_entities(
+            [workload, destination],
+            None::<&NoEntitiesSchema>,
+            TCComputation::AssumeAlreadyComputed,
+            Extensions::none(),
+        )
+        .map_err(|e| format!("building the entities: {e}"))?;
+        Ok((request, entities))
+    }
+
+    /// The Cedar request and entities for `req` through Cedar's public API. With
+    /// `schema`, Cedar checks both against it. The reference for
+    /// [`CedarAuthorizer::build_core`].
+    #[cfg(test)]
     fn build(
         &self,
         req: &DecisionRequest<'_>,
@@ -525,7 +686,7 @@ impl CedarAuthorizer {
 
 impl Authorizer for CedarAuthorizer {
     fn decide(&self, req: &DecisionRequest<'_>) -> Decision {
-        let (request, entities) = match self.build(req, None) {
+        let (request, entities) = match self.build_core(req) {
             Ok(built) => built,
             Err(e) => {
                 tracing::warn!(error = %e, "policy request could not be built; denying");
@@ -538,7 +699,11 @@ impl Authorizer for CedarAuthorizer {
         let mut forbids = Vec::new();
         let mut errors = Vec::new();
         for set in self.slices.for_request(req) {
-            let response = self.cedar.is_authorized(&request, set, &entities);
+            let response: cedar_policy::Response = self
+                .cedar
+                .as_ref()
+                .is_authorized(request.clone(), set.as_ref(), &entities)
+                .into();
             let diagnostics = response.diagnostics();
             for err in diagnostics.errors() {
                 let cedar_policy::AuthorizationError::PolicyEvaluationError(e) = err;
@@ -715,6 +880,7 @@ fn type_name(ty: &str) -> Result<EntityTypeName> {
     })
 }
 
+#[cfg(test)]
 fn string(s: &str) -> RestrictedExpression {
     RestrictedExpression::new_string(s.to_owned())
 }
@@ -865,6 +1031,20 @@ mod tests {
                 if let Err(e) = a.build(&req, Some(schema())) {
                     panic!("{claims}: {e}");
                 }
+                let (request, entities) = a.build(&req, None).unwrap();
+                // The hot path's builder makes exactly what Cedar's API does.
+                let (fast_request, fast_entities) = a.build_core(&req).unwrap();
+                let reference: &core::Request = request.as_ref();
+                assert_eq!(reference.principal().uid(), fast_request.principal().uid());
+                assert_eq!(reference.action().uid(), fast_request.action().uid());
+                assert_eq!(reference.resource().uid(), fast_request.resource().uid());
+                let context = |r: &core::Request| match r.context() {
+                    Some(core::Context::Value(v)) => v.clone(),
+                    other => panic!("context is not a value: {other:?}"),
+                };
+                assert_eq!(context(reference), context(&fast_request), "{claims}");
+                let reference: &CoreEntities = entities.as_ref();
+                assert_eq!(reference, &fast_entities, "{claims} {action}");
             }
         }
     }

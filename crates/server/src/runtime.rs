@@ -684,7 +684,8 @@ impl Runtime {
             return Err(e);
         }
         self.seen.note(&self.store, now, &workload);
-        tracing::info!(
+        // Debug, not info: the audit stream records every grant; see docs/operations.md.
+        tracing::debug!(
             request_id = %ctx.request_id,
             workload = %workload.id,
             destination = %dest.spec.name,

@@ -73,10 +73,16 @@ pub fn init(log: &LogConfig, telemetry: Option<&TelemetrySettings>) -> anyhow::R
         None => None,
     };
     // A subscriber may already be installed (tests running serve in-process); keep it.
-    let _ = tracing_subscriber::registry()
-        .with(fmt)
-        .with(otel)
-        .try_init();
+    // Without export, no OpenTelemetry layer at all: an absent `Option` layer would
+    // still enable every `lanyard::trace` span (`Interest::always`), and each request
+    // would pay for spans nothing reads.
+    let _ = match otel {
+        Some(otel) => tracing_subscriber::registry()
+            .with(fmt)
+            .with(otel)
+            .try_init(),
+        None => tracing_subscriber::registry().with(fmt).try_init(),
+    };
     if let Some(t) = telemetry {
         tracing::info!(
             endpoint = %t.otlp_endpoint,

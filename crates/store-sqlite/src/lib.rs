@@ -68,6 +68,11 @@ const READERS: u32 = 4;
 /// spill to the WAL before it commits: revoking 100,000 grants in one job took twice
 /// as long with it.
 const WRITER_CACHE: &str = "-65536";
+/// Prepared statements the writer keeps. A group-commit batch of N grants is one
+/// multi-row INSERT of N rows into each of two tables, a statement per batch size; with
+/// sqlx's default of 100 the sizes up to `[store] max_batch` (128 by default) evicted
+/// each other and SQLite re-parsed the INSERTs on most batches.
+const WRITER_STATEMENTS: usize = 1024;
 /// Page cache of each reader.
 const READER_CACHE: &str = "-16384";
 
@@ -206,7 +211,8 @@ impl SqliteStore {
             .connect_with(
                 base.clone()
                     .journal_mode(SqliteJournalMode::Wal)
-                    .pragma("cache_size", WRITER_CACHE),
+                    .pragma("cache_size", WRITER_CACHE)
+                    .statement_cache_capacity(WRITER_STATEMENTS),
             )
             .await
             .map_err(db)?;
