@@ -103,7 +103,28 @@ pub async fn bench(g: &GlobalArgs, a: &BenchArgs) -> anyhow::Result<()> {
         a.concurrency, a.warmup, a.duration, ready.grpc
     ));
     let load = match server.pid() {
-        Some(pid) => run_load(&ready.grpc, &data_dir, pid, a, &machine).await,
+        Some(pid) => {
+            // The load generator runs on one thread of its own (a current-thread
+            // runtime), as `h2load` does: it needs about a third of a core, and on a
+            // multi-thread runtime its tasks woke each other across threads and fought
+            // over each connection's lock, CPU taken from the server it measures.
+            let (grpc, dir, args, m) = (
+                ready.grpc.clone(),
+                data_dir.clone(),
+                a.clone(),
+                machine.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the load generator's runtime")?
+                    .block_on(run_load(&grpc, &dir, pid, &args, &m))
+            })
+            .await
+            .context("the load generator failed")
+            .and_then(|r| r)
+        }
         None => Err(anyhow::anyhow!("the server exited right after starting")),
     };
     let stopped = server.stop().await;

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod audit_svc;
+pub mod coalesce;
 pub mod commit;
 pub mod config;
 pub mod convert;
