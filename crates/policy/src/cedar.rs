@@ -293,6 +293,9 @@ pub struct CedarAuthorizer {
     grant_caps: HashMap<String, u64>,
     version: String,
     cedar: cedar_policy::Authorizer,
+    /// Some policy calls `hasTag` or `getTag`. When none does, the principal's tags
+    /// (one per scalar claim) are not built.
+    reads_tags: bool,
     workload_type: EntityTypeName,
     action_type: EntityTypeName,
     destination_type: EntityTypeName,
@@ -422,8 +425,16 @@ impl CedarAuthorizer {
     /// malformed `@max_ttl_secs`; [`PolicyError::DuplicateId`].
     pub fn from_text(text: &str, version: &str) -> Result<Self> {
         let (policies, ttl_caps, grant_caps) = load(text)?;
+        // Tags are read only through `hasTag`/`getTag`, which appear by name in a
+        // policy's text; a set that names neither cannot read the principal's tags.
+        let reads_tags = policies
+            .policies()
+            .map(ToString::to_string)
+            .chain(policies.templates().map(ToString::to_string))
+            .any(|p| p.contains("hasTag") || p.contains("getTag"));
         Ok(Self {
             slices: Slices::new(&policies)?,
+            reads_tags,
             policies,
             ttl_caps,
             grant_caps,
@@ -496,15 +507,19 @@ impl CedarAuthorizer {
             .claims
             .project_value(req.claims)
             .ok_or("building the principal's claims")?;
-        let tags = req.claims.iter().filter_map(|(k, v)| {
-            let tag = match v {
-                Value::String(s) => SmolStr::from(s.as_str()),
-                Value::Bool(b) => SmolStr::from(if *b { "true" } else { "false" }),
-                Value::Number(n) => SmolStr::from(n.to_string()),
-                _ => return None,
-            };
-            Some((SmolStr::from(k.as_str()), core::PartialValue::from(tag)))
-        });
+        let tags = req
+            .claims
+            .iter()
+            .filter(|_| self.reads_tags)
+            .filter_map(|(k, v)| {
+                let tag = match v {
+                    Value::String(s) => SmolStr::from(s.as_str()),
+                    Value::Bool(b) => SmolStr::from(if *b { "true" } else { "false" }),
+                    Value::Number(n) => SmolStr::from(n.to_string()),
+                    _ => return None,
+                };
+                Some((SmolStr::from(k.as_str()), core::PartialValue::from(tag)))
+            });
         let workload = core::Entity::new_with_attr_partial_value(
             principal.clone(),
             [
@@ -602,15 +617,19 @@ impl CedarAuthorizer {
             .claims
             .project(req.claims)
             .ok_or("building the principal's claims")?;
-        let tags = req.claims.iter().filter_map(|(k, v)| {
-            let s = match v {
-                Value::String(s) => s.clone(),
-                Value::Bool(b) => b.to_string(),
-                Value::Number(n) => n.to_string(),
-                _ => return None,
-            };
-            Some((k.clone(), RestrictedExpression::new_string(s)))
-        });
+        let tags = req
+            .claims
+            .iter()
+            .filter(|_| self.reads_tags)
+            .filter_map(|(k, v)| {
+                let s = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Bool(b) => b.to_string(),
+                    Value::Number(n) => n.to_string(),
+                    _ => return None,
+                };
+                Some((k.clone(), RestrictedExpression::new_string(s)))
+            });
         let workload = Entity::new_with_tags(
             principal.clone(),
             [
@@ -983,7 +1002,14 @@ mod tests {
     /// Cedar's own entity and request validation accepts it.
     #[test]
     fn built_entities_and_context_conform_to_the_schema() {
-        let a = CedarAuthorizer::from_text("", "v").unwrap();
+        let no_tags = CedarAuthorizer::from_text("", "v").unwrap();
+        assert!(!no_tags.reads_tags);
+        let tags = CedarAuthorizer::from_text(
+            r#"permit (principal, action, resource) when { principal.hasTag("team") };"#,
+            "v",
+        )
+        .unwrap();
+        assert!(tags.reads_tags);
         let claim_sets = [
             json!({}),
             json!({
@@ -1011,7 +1037,10 @@ mod tests {
         ];
         let labels = BTreeMap::from([("env".to_owned(), "prod".to_owned())]);
         let scopes = vec!["read".to_owned()];
-        for claims in &claim_sets {
+        for (a, claims) in [&no_tags, &tags]
+            .into_iter()
+            .flat_map(|a| claim_sets.iter().map(move |c| (a, c)))
+        {
             for action in [Action::Exchange, Action::Renew, Action::ActFor] {
                 let req = DecisionRequest {
                     workload_id: "spiffe://lanyard.local/x",
@@ -1367,6 +1396,40 @@ mod tests {
         errors.sort();
         let (allowed, determining) = unsliced(a, req);
         (allowed, determining, errors)
+    }
+
+    /// Principal tags are built when a policy reads them, and then they decide.
+    #[test]
+    fn principal_tags_are_there_when_a_policy_reads_them() {
+        let a = CedarAuthorizer::from_text(
+            r#"permit (principal, action, resource)
+               when { principal.hasTag("team") && principal.getTag("team") == "blue" };"#,
+            "v",
+        )
+        .unwrap();
+        let labels = BTreeMap::new();
+        let scopes = vec!["read".to_owned()];
+        let decide = |claims: serde_json::Value| {
+            a.decide(&DecisionRequest {
+                workload_id: "spiffe://lanyard.local/x",
+                issuer: "ci",
+                claims: claims.as_object().unwrap(),
+                destination: "orders",
+                destination_kind: "jwt",
+                destination_labels: &labels,
+                action: Action::Exchange,
+                scopes: &scopes,
+                ttl_secs: 60,
+                task_id: None,
+                now: 0,
+                delegation: &[],
+                subject: "spiffe://lanyard.local/x",
+            })
+            .allowed
+        };
+        assert!(decide(json!({"team": "blue"})));
+        assert!(!decide(json!({"team": "red"})));
+        assert!(!decide(json!({})));
     }
 
     #[test]
