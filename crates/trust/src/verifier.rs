@@ -570,9 +570,9 @@ impl Verifier {
         let (h64, p64, s64) = split_compact(raw)?;
         let header = decode_object(h64, "header")?;
         let payload = decode_object(p64, "payload")?;
-        if URL_SAFE_NO_PAD.decode(s64).is_err() {
+        let Ok(signature) = URL_SAFE_NO_PAD.decode(s64) else {
             return Err(TrustError::TokenMalformed("signature is not base64url"));
-        }
+        };
 
         for param in REJECTED_HEADER_PARAMS {
             if header.contains_key(param) {
@@ -648,9 +648,18 @@ impl Verifier {
         let message = raw
             .get(..signed_len)
             .ok_or(TrustError::TokenMalformed("token is truncated"))?;
-        match jsonwebtoken::crypto::verify(s64, message.as_bytes(), &key.key, alg.to_jwt()) {
-            Ok(true) => {}
-            Ok(false) | Err(_) => return Err(TrustError::SignatureInvalid),
+        let valid = match &key.ec {
+            // The pre-parsed EC key, for exactly the algorithm it was parsed for.
+            Some((for_alg, parsed)) if *for_alg == alg => {
+                parsed.verify_sig(message.as_bytes(), &signature).is_ok()
+            }
+            _ => matches!(
+                jsonwebtoken::crypto::verify(s64, message.as_bytes(), &key.key, alg.to_jwt()),
+                Ok(true)
+            ),
+        };
+        if !valid {
+            return Err(TrustError::SignatureInvalid);
         }
 
         self.check_claims(cfg, payload, alg, kid, replay).await

@@ -1206,3 +1206,39 @@ fn settings_are_validated() {
     s.http_timeout = Duration::ZERO;
     assert!(Verifier::new(s, clock, guard).is_err());
 }
+
+/// Every algorithm refuses a signature from another key with the same kid, and a
+/// signature with one bit flipped (EC keys verify through their pre-parsed form).
+#[tokio::test]
+async fn forged_and_altered_signatures_are_refused_for_every_algorithm() {
+    for alg in Algorithm::ALL {
+        let key = TestKey::new(alg, "k");
+        let impostor = TestKey::new(alg, "k");
+        let (v, _clock) = make(settings());
+        v.set_issuers(vec![issuer(
+            "inline",
+            "https://inline.example",
+            inline(&[&key]),
+            &[alg],
+        )]);
+        let good = key.token(&claims("https://inline.example"));
+        verify(&v, &good)
+            .await
+            .unwrap_or_else(|e| panic!("{alg}: {e}"));
+        let forged = impostor.token(&claims("https://inline.example"));
+        assert_eq!(
+            reason(&v, &forged).await,
+            ReasonCode::SignatureInvalid,
+            "{alg}"
+        );
+        let (signed, sig) = good.rsplit_once('.').unwrap();
+        let mut raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        raw[0] ^= 1;
+        let altered = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&raw));
+        assert_eq!(
+            reason(&v, &altered).await,
+            ReasonCode::SignatureInvalid,
+            "{alg}"
+        );
+    }
+}
