@@ -34,7 +34,7 @@ use lanyard_store::{
     AuditRecord, ConfigKind, ConfigObject, DestinationProgress, GrantFilter, GrantRecord,
     GrantStatus, NewAuditEvent, NewConfigObject, NewRevocationJob, Page, PageRequest, Result,
     RevocationJob, RevocationReceiptRecord, RevocationStep, Store, StoreError, WorkloadSeen,
-    chain_hash,
+    link_after,
 };
 
 use crate::error::{connect_err, db, map_err, map_migrate};
@@ -177,9 +177,10 @@ pub(crate) async fn append_events(
         .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
-    let mut seq: i64 = head.try_get("seq").map_err(db)?;
-    let mut prev: String = head.try_get("hash").map_err(db)?;
-    let n = events.len();
+    let seq: i64 = head.try_get("seq").map_err(db)?;
+    let hash: String = head.try_get("hash").map_err(db)?;
+    let links = link_after(seq, hash, events)?;
+    let n = links.len();
     let (mut seqs, mut times, mut kinds, mut payloads, mut prevs, mut hashes) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -188,18 +189,13 @@ pub(crate) async fn append_events(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    for event in events {
-        seq = seq
-            .checked_add(1)
-            .ok_or_else(|| StoreError::Corrupt("audit sequence overflow".into()))?;
-        let payload = event.payload();
-        let hash = chain_hash(seq, &prev, &payload);
-        seqs.push(seq);
+    for (link, event) in links.into_iter().zip(events) {
+        seqs.push(link.seq);
         times.push(event.time_ms);
         kinds.push(event.kind.as_str());
-        payloads.push(payload);
-        prevs.push(std::mem::replace(&mut prev, hash.clone()));
-        hashes.push(hash);
+        payloads.push(link.payload);
+        prevs.push(link.prev_hash);
+        hashes.push(link.hash);
     }
     // One statement for the whole batch: one round trip however many events.
     sqlx::query(
@@ -216,9 +212,12 @@ pub(crate) async fn append_events(
     .execute(&mut *conn)
     .await
     .map_err(|e| map_err(e, || "audit sequence number already used".into()))?;
+    let (Some(&head_seq), Some(head_hash)) = (seqs.last(), hashes.last()) else {
+        return Ok(seqs);
+    };
     sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
-        .bind(seq)
-        .bind(&prev)
+        .bind(head_seq)
+        .bind(head_hash)
         .execute(&mut *conn)
         .await
         .map_err(db)?;

@@ -48,10 +48,10 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool, Transaction};
 
 use lanyard_core::{GrantId, UnixTime};
 use lanyard_store::{
-    AuditRecord, ConfigKind, ConfigObject, DestinationProgress, GrantFilter, GrantRecord,
-    GrantStatus, NewAuditEvent, NewConfigObject, NewRevocationJob, Page, PageRequest, Result,
-    RevocationJob, RevocationReceiptRecord, RevocationStep, Store, StoreError, WorkloadSeen,
-    chain_hash,
+    AuditRecord, ChainLink, ConfigKind, ConfigObject, DestinationProgress, GrantFilter,
+    GrantRecord, GrantStatus, NewAuditEvent, NewConfigObject, NewRevocationJob, Page, PageRequest,
+    Result, RevocationJob, RevocationReceiptRecord, RevocationStep, Store, StoreError,
+    WorkloadSeen, link_after,
 };
 
 use crate::error::{corrupt, db, map_err, map_migrate};
@@ -331,72 +331,53 @@ async fn insert_batch(
 /// Rows per multi-row INSERT (14 columns each stays far below SQLite's 32766 variables).
 const INSERT_CHUNK: usize = 256;
 
-/// Audit events linked into the chain after a head: their rows, ready to insert.
+/// Audit events linked into the chain after a head ([`link_after`]), with their kinds
+/// and times, ready to insert.
 struct Chain {
-    /// (seq, time_ms, kind, payload, prev_hash, hash) per event.
-    rows: Vec<(i64, i64, String, String, String, String)>,
+    rows: Vec<(ChainLink, i64, String)>,
     seqs: Vec<i64>,
-    /// The new head.
-    seq: i64,
-    hash: String,
 }
 
 impl Chain {
     /// Link `events` after the head in `head` (a row of `seq, hash`).
     fn after(head: &sqlx::sqlite::SqliteRow, events: &[NewAuditEvent]) -> Result<Self> {
-        let mut seq: i64 = head.try_get("seq").map_err(db)?;
-        let mut prev: String = head.try_get("hash").map_err(db)?;
-        let mut seqs = Vec::with_capacity(events.len());
-        let mut rows = Vec::with_capacity(events.len());
-        for event in events {
-            seq = seq
-                .checked_add(1)
-                .ok_or_else(|| StoreError::Corrupt("audit sequence overflow".into()))?;
-            let payload = event.payload();
-            let hash = chain_hash(seq, &prev, &payload);
-            rows.push((
-                seq,
-                event.time_ms,
-                event.kind.clone(),
-                payload,
-                prev,
-                hash.clone(),
-            ));
-            seqs.push(seq);
-            prev = hash;
-        }
+        let seq: i64 = head.try_get("seq").map_err(db)?;
+        let hash: String = head.try_get("hash").map_err(db)?;
+        let links = link_after(seq, hash, events)?;
         Ok(Self {
-            rows,
-            seqs,
-            seq,
-            hash: prev,
+            seqs: links.iter().map(|l| l.seq).collect(),
+            rows: links
+                .into_iter()
+                .zip(events)
+                .map(|(l, e)| (l, e.time_ms, e.kind.clone()))
+                .collect(),
         })
     }
 
     /// Append the INSERTs of the rows and the head update to `qb`, each statement ended
     /// with `; `. Nothing when there are no events.
     fn push_inserts(&self, qb: &mut sqlx::QueryBuilder<sqlx::Sqlite>) {
-        if self.rows.is_empty() {
+        let Some((head, _, _)) = self.rows.last() else {
             return;
-        }
+        };
         for chunk in self.rows.chunks(INSERT_CHUNK) {
             qb.push(
                 "INSERT OR ROLLBACK INTO audit_events (seq, time_ms, kind, payload, prev_hash, hash) ",
             );
-            qb.push_values(chunk, |mut b, r| {
-                b.push_bind(r.0)
-                    .push_bind(r.1)
-                    .push_bind(r.2.clone())
-                    .push_bind(r.3.clone())
-                    .push_bind(r.4.clone())
-                    .push_bind(r.5.clone());
+            qb.push_values(chunk, |mut b, (link, time_ms, kind)| {
+                b.push_bind(link.seq)
+                    .push_bind(*time_ms)
+                    .push_bind(kind.clone())
+                    .push_bind(link.payload.clone())
+                    .push_bind(link.prev_hash.clone())
+                    .push_bind(link.hash.clone());
             });
             qb.push("; ");
         }
         qb.push("UPDATE audit_head SET seq = ");
-        qb.push_bind(self.seq);
+        qb.push_bind(head.seq);
         qb.push(", hash = ");
-        qb.push_bind(self.hash.clone());
+        qb.push_bind(head.hash.clone());
         qb.push(" WHERE id = 1; ");
     }
 }

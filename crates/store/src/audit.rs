@@ -99,6 +99,48 @@ impl AuditRecord {
     }
 }
 
+/// An event linked into the chain, ready to insert: what every store writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLink {
+    /// Its sequence number.
+    pub seq: i64,
+    /// [`NewAuditEvent::payload`].
+    pub payload: String,
+    /// The hash of the event before it.
+    pub prev_hash: String,
+    /// [`chain_hash`] of the three above.
+    pub hash: String,
+}
+
+/// Link `events`, in order, after the chain head (`head_seq`, `head_hash`). The last
+/// link is the new head.
+///
+/// # Errors
+/// [`crate::StoreError::Corrupt`] if the sequence number would overflow.
+pub fn link_after(
+    head_seq: i64,
+    head_hash: String,
+    events: &[NewAuditEvent],
+) -> Result<Vec<ChainLink>, crate::StoreError> {
+    let mut seq = head_seq;
+    let mut prev = head_hash;
+    let mut links = Vec::with_capacity(events.len());
+    for event in events {
+        seq = seq
+            .checked_add(1)
+            .ok_or_else(|| crate::StoreError::Corrupt("audit sequence overflow".into()))?;
+        let payload = event.payload();
+        let hash = chain_hash(seq, &prev, &payload);
+        links.push(ChainLink {
+            seq,
+            payload,
+            prev_hash: std::mem::replace(&mut prev, hash.clone()),
+            hash,
+        });
+    }
+    Ok(links)
+}
+
 /// `sha256("lanyard-audit-v1\n" || seq || "\n" || prev_hash || "\n" || payload)` in hex.
 pub fn chain_hash(seq: i64, prev_hash: &str, payload: &str) -> String {
     hex::encode(chain_digest(seq, prev_hash, payload))
@@ -130,6 +172,36 @@ fn chain_digest(seq: i64, prev_hash: &str, payload: &str) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_follow_the_head_in_order() {
+        let events: Vec<NewAuditEvent> = ["a", "b"]
+            .into_iter()
+            .map(|k| NewAuditEvent {
+                kind: k.into(),
+                ..NewAuditEvent::default()
+            })
+            .collect();
+        let links = link_after(7, GENESIS_HASH.into(), &events).unwrap();
+        assert_eq!(links.len(), 2);
+        assert_eq!((links[0].seq, links[1].seq), (8, 9));
+        assert_eq!(links[0].prev_hash, GENESIS_HASH);
+        assert_eq!(links[1].prev_hash, links[0].hash);
+        for (link, event) in links.iter().zip(&events) {
+            assert_eq!(link.payload, event.payload());
+            assert!(hash_matches(
+                link.seq,
+                &link.prev_hash,
+                &link.payload,
+                &link.hash
+            ));
+        }
+        assert!(link_after(3, GENESIS_HASH.into(), &[]).unwrap().is_empty());
+        assert!(matches!(
+            link_after(i64::MAX, GENESIS_HASH.into(), &events),
+            Err(crate::StoreError::Corrupt(_))
+        ));
+    }
 
     #[test]
     fn hash_covers_every_field() {

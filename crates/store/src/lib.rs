@@ -8,7 +8,9 @@ pub mod audit;
 pub mod conformance;
 mod records;
 
-pub use audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, chain_hash, hash_matches};
+pub use audit::{
+    AuditRecord, ChainLink, GENESIS_HASH, NewAuditEvent, chain_hash, hash_matches, link_after,
+};
 pub use records::*;
 
 use async_trait::async_trait;
