@@ -306,9 +306,9 @@ async fn insert_batch(
         });
         qb.push("; ");
     }
-    chain.push_inserts(&mut qb);
-    qb.push("COMMIT");
     let first_seq = chain.seqs.first().copied().unwrap_or_default();
+    let seqs = chain.push_inserts(&mut qb);
+    qb.push("COMMIT");
     qb.build().execute(&mut *conn).await.map_err(|e| {
         let events_conflict = matches!(
             &e,
@@ -325,7 +325,7 @@ async fn insert_batch(
             }
         })
     })?;
-    Ok(chain.seqs)
+    Ok(seqs)
 }
 
 /// Rows per multi-row INSERT (14 columns each stays far below SQLite's 32766 variables).
@@ -355,30 +355,38 @@ impl Chain {
     }
 
     /// Append the INSERTs of the rows and the head update to `qb`, each statement ended
-    /// with `; `. Nothing when there are no events.
-    fn push_inserts(&self, qb: &mut sqlx::QueryBuilder<sqlx::Sqlite>) {
-        let Some((head, _, _)) = self.rows.last() else {
-            return;
+    /// with `; `, moving the rows' text into the query. Nothing when there are no
+    /// events. Returns the events' sequence numbers.
+    fn push_inserts(self, qb: &mut sqlx::QueryBuilder<sqlx::Sqlite>) -> Vec<i64> {
+        let Self { rows, seqs } = self;
+        let Some((head, _, _)) = rows.last() else {
+            return seqs;
         };
-        for chunk in self.rows.chunks(INSERT_CHUNK) {
+        let (head_seq, head_hash) = (head.seq, head.hash.clone());
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
             qb.push(
                 "INSERT OR ROLLBACK INTO audit_events (seq, time_ms, kind, payload, prev_hash, hash) ",
             );
-            qb.push_values(chunk, |mut b, (link, time_ms, kind)| {
-                b.push_bind(link.seq)
-                    .push_bind(*time_ms)
-                    .push_bind(kind.clone())
-                    .push_bind(link.payload.clone())
-                    .push_bind(link.prev_hash.clone())
-                    .push_bind(link.hash.clone());
-            });
+            qb.push_values(
+                rows.by_ref().take(INSERT_CHUNK),
+                |mut b, (link, time_ms, kind)| {
+                    b.push_bind(link.seq)
+                        .push_bind(time_ms)
+                        .push_bind(kind)
+                        .push_bind(link.payload)
+                        .push_bind(link.prev_hash)
+                        .push_bind(link.hash);
+                },
+            );
             qb.push("; ");
         }
         qb.push("UPDATE audit_head SET seq = ");
-        qb.push_bind(head.seq);
+        qb.push_bind(head_seq);
         qb.push(", hash = ");
-        qb.push_bind(head.hash.clone());
+        qb.push_bind(head_hash);
         qb.push(" WHERE id = 1; ");
+        seqs
     }
 }
 
@@ -398,12 +406,12 @@ pub(crate) async fn append_events(
     let chain = Chain::after(&head, events)?;
     let first_seq = chain.seqs.first().copied().unwrap_or_default();
     let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("");
-    chain.push_inserts(&mut qb);
+    let seqs = chain.push_inserts(&mut qb);
     qb.build()
         .execute(&mut *conn)
         .await
         .map_err(|e| map_err(e, || format!("audit event {first_seq} already exists")))?;
-    Ok(chain.seqs)
+    Ok(seqs)
 }
 
 /// Bump the configuration generation; returns the new value.
