@@ -24,6 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes held before a write goes out without waiting for a flush.
 const MAX_PENDING: usize = 256 * 1024;
+/// Buffer capacity kept between flushes; a larger buffer is freed once written.
+const RETAINED: usize = 64 * 1024;
 
 /// An I/O object whose writes are gathered until a flush, which yields once before it
 /// writes. See the module documentation.
@@ -70,6 +72,11 @@ impl<T: AsyncWrite + Unpin> Coalescing<T> {
         }
         self.buf.clear();
         self.written = 0;
+        // A burst (or a peer that stopped reading) may have grown the buffer; an idle
+        // connection should not keep it.
+        if self.buf.capacity() > RETAINED {
+            self.buf = Vec::new();
+        }
         Poll::Ready(Ok(()))
     }
 }

@@ -257,6 +257,24 @@ fn create_private(path: &Path) -> Result<()> {
     })
 }
 
+/// The writer connection of one batch, closed (not returned to the pool) unless the
+/// batch committed. `insert_batch` opens its transaction with raw SQL, which sqlx does
+/// not track: after a failure (an `OR ROLLBACK` may or may not have ended it), or when
+/// the caller's future is dropped part-way, the connection could still be inside a
+/// transaction holding the write lock. Closing it makes SQLite roll that back.
+struct BatchConn {
+    conn: sqlx::pool::PoolConnection<Sqlite>,
+    finished: bool,
+}
+
+impl Drop for BatchConn {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
 /// Insert a batch of grants and their audit events in one transaction on `conn`.
 ///
 /// Two calls to sqlx's SQLite worker thread, whatever the batch size: one takes the
@@ -611,14 +629,12 @@ impl Store for SqliteStore {
         if grants.is_empty() && events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.writer.acquire().await.map_err(db)?;
-        let result = insert_batch(&mut conn, grants, events).await;
-        if result.is_err() {
-            // The statements below use OR ROLLBACK, so a failure may already have ended
-            // the transaction inside SQLite while sqlx still counts it as open. Replace the
-            // connection rather than reuse one whose transaction state is in doubt.
-            conn.close_on_drop();
-        }
+        let mut batch = BatchConn {
+            conn: self.writer.acquire().await.map_err(db)?,
+            finished: false,
+        };
+        let result = insert_batch(&mut batch.conn, grants, events).await;
+        batch.finished = result.is_ok();
         result
     }
 

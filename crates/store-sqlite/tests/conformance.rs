@@ -247,3 +247,41 @@ async fn closed_store_is_unavailable() {
     let err = store.audit_append(&[audit("x")]).await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
 }
+
+/// A batch whose caller goes away part-way (its future dropped after any number of
+/// polls) leaves no transaction open on the writer: the next writes, through a batch and
+/// through a `BEGIN IMMEDIATE` transaction, succeed, and the chain stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_dropped_part_way_leaves_the_writer_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("lanyard.db"))
+        .await
+        .unwrap();
+    let events = vec![audit("exchange.denied"), audit("exchange.denied")];
+    for polls in 0..40 {
+        {
+            let mut batch = std::pin::pin!(store.grant_insert_batch(&[], &events));
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            for _ in 0..polls {
+                if batch.as_mut().poll(&mut cx).is_ready() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        store
+            .grant_insert_batch(&[], &events)
+            .await
+            .unwrap_or_else(|e| panic!("after dropping at poll {polls}: {e}"));
+        store
+            .config_put(put(&format!("after-{polls}")), None, audit("issuer.put"))
+            .await
+            .unwrap_or_else(|e| panic!("after dropping at poll {polls}: {e}"));
+    }
+    let report = store.audit_list(0, 1_000).await.unwrap();
+    assert!(report.len() >= 40 * 3, "every later write landed");
+    for pair in report.windows(2) {
+        assert_eq!(pair[1].prev_hash, pair[0].hash, "the chain is unbroken");
+    }
+}
