@@ -50,11 +50,6 @@ impl<T> Coalescing<T> {
         }
     }
 
-    /// The wrapped I/O object.
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
-
     fn pending(&self) -> usize {
         self.buf.len() - self.written
     }

@@ -324,7 +324,7 @@ async fn insert_batch(
         });
         qb.push("; ");
     }
-    let first_seq = chain.seqs.first().copied().unwrap_or_default();
+    let first_seq = chain.first_seq();
     let seqs = chain.push_inserts(&mut qb);
     qb.push("COMMIT");
     qb.build().execute(&mut *conn).await.map_err(|e| {
@@ -353,7 +353,6 @@ const INSERT_CHUNK: usize = 256;
 /// and times, ready to insert.
 struct Chain {
     rows: Vec<(ChainLink, i64, String)>,
-    seqs: Vec<i64>,
 }
 
 impl Chain {
@@ -363,7 +362,6 @@ impl Chain {
         let hash: String = head.try_get("hash").map_err(db)?;
         let links = link_after(seq, hash, events)?;
         Ok(Self {
-            seqs: links.iter().map(|l| l.seq).collect(),
             rows: links
                 .into_iter()
                 .zip(events)
@@ -372,11 +370,17 @@ impl Chain {
         })
     }
 
+    /// The first event's sequence number (0 when there are none), for error messages.
+    fn first_seq(&self) -> i64 {
+        self.rows.first().map_or(0, |(link, _, _)| link.seq)
+    }
+
     /// Append the INSERTs of the rows and the head update to `qb`, each statement ended
     /// with `; `, moving the rows' text into the query. Nothing when there are no
     /// events. Returns the events' sequence numbers.
     fn push_inserts(self, qb: &mut sqlx::QueryBuilder<sqlx::Sqlite>) -> Vec<i64> {
-        let Self { rows, seqs } = self;
+        let rows = self.rows;
+        let seqs = rows.iter().map(|(link, _, _)| link.seq).collect();
         let Some((head, _, _)) = rows.last() else {
             return seqs;
         };
@@ -422,7 +426,7 @@ pub(crate) async fn append_events(
         .await
         .map_err(db)?;
     let chain = Chain::after(&head, events)?;
-    let first_seq = chain.seqs.first().copied().unwrap_or_default();
+    let first_seq = chain.first_seq();
     let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("");
     let seqs = chain.push_inserts(&mut qb);
     qb.build()
